@@ -1,0 +1,125 @@
+"""Every knob of a run, with the paper's values as defaults; experiment configs start from here.
+
+Sections: `data` (centers, splits, preprocessing, patches), `model` (network), `loss` (which
+losses and their weights), `augment` (RandConv views and spatial/intensity augmentation),
+`optim` (Adam and the schedule), `train` (loop, logging, checkpoints), `inference`
+(sliding window, flips, post-processing), `evaluation` (metrics).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+STAGES = ('joint', 'pancreas_coarse', 'pancreas_fine', 'tumour_coarse', 'tumour_fine')
+SYNTHETIC_CENTERS = ('center_a', 'center_b', 'center_c')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 2022
+  # Which network is trained: `joint` predicts (pancreas incl. tumour, tumour) in one model;
+  # the four cascade stages predict one structure each.
+  config.stage = 'joint'
+  config.preset = ''  # 'paper' or 'quick'; resolved by the experiment config
+
+  data = config.data = ml_collections.ConfigDict()
+  data.source = 'synthetic'  # 'synthetic' | 'msd' | 'folders'
+  data.root = ''  # synthetic: where the phantoms live (generated when empty); msd: Task07 root
+  data.cache_dir = ''  # preprocessed arrays; '' -> <root>/cache
+  data.centers = SYNTHETIC_CENTERS
+  # Per center: a root in MSD layout, or a CSV/JSON manifest of image/label pairs. Empty -> <root>/<center>.
+  data.center_roots = ml_collections.ConfigDict()
+  data.manifest = ''  # optional CSV/JSON listing (center, image, label) rows
+  data.label_map = ''  # e.g. '7:1' maps source label 7 to pancreas; '' keeps 0/1/2 as they are
+  data.test_center = 'center_c'  # held out: never read by training
+  data.val_fraction = 0.2  # of each training center's cases, for validation
+  data.num_folds = 4  # in-domain k-fold for the pancreas protocol
+  data.fold = -1  # -1: leave-one-center-out split; k >= 0: in-domain fold k
+  data.synthetic_cases_per_center = 8
+  data.synthetic_seed = 0
+  data.window_hu = (-100.0, 240.0)
+  data.target_spacing_mm = (2.5, 1.5, 1.5)  # (z, y, x)
+  data.patch_size = (80, 224, 224)  # (D, H, W), multiples of 8
+  data.batch_size = 1  # global, in volumes (each gives two views)
+  data.foreground_fraction = 0.67  # tumour stages: share of patches centred on tumour
+  data.crop_margin_xy = (0, 30)  # random ROI margin in voxels, in-plane
+  data.crop_margin_z_fraction = (0.01, 0.1)  # random ROI margin as a fraction of the slices
+  data.num_positions = 64  # contrastive positions sampled per sample and kind
+  data.num_workers = 0
+  data.prefetch = 2
+  data.skip_bad_cases = False
+
+  model = config.model = ml_collections.ConfigDict()
+  model.widths = (32, 64, 128, 256)  # encoder widths per resolution level
+  model.blocks = (1, 2, 2, 2)  # residual blocks per level
+  model.dilated_blocks = 2  # extra blocks at the bottom
+  model.dilation = 2
+  model.fusion_width = 128
+  model.embedding_dim = 32
+  model.decoder_widths = (64, 32, 32)
+  model.dropout = 0.1  # channel dropout before the fusion conv
+  model.num_groups = 8
+  model.num_classes = 2  # joint: (pancreas incl. tumour, tumour)
+  model.slice_head = False  # fine tumour stage: per-slice "contains tumour" classifier
+  model.slice_hidden = 128
+  model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
+  model.remat = False
+
+  loss = config.loss = ml_collections.ConfigDict()
+  # Name -> weight; a weight of 0 switches a loss off. Looked up in dualseg_jax.losses.
+  loss.weights = ml_collections.ConfigDict(dict(
+      dice=1.0, bce=1.0, sdf_l1=1.0, sdf_to_mask_dice=1.0, consistency=1.0,
+      contrastive=0.1, slice_bce=0.0))
+  loss.transform = 'smooth'  # SDF -> mask: 'smooth' sigmoid(-k*sdf) | 'hard' threshold
+  loss.transform_k = 1500.0
+  loss.transform_k_start = 0.0  # > 0: anneal k from here to transform_k over anneal_steps
+  loss.transform_anneal_steps = 0
+  loss.consistency_on_sdf = False  # fine stage: also MSE between the views' SDFs
+  loss.temperature = 0.05
+  loss.slice_min_voxels = 10
+
+  augment = config.augment = ml_collections.ConfigDict()
+  augment.num_views = 2  # 1: no RandConv, a single view
+  augment.randconv_kernel_sizes = (3, 5, 7)
+  augment.spatial = True
+  augment.scale = (0.8, 1.2)
+  augment.rotation_deg = 15.0
+  augment.elastic_prob = 0.1
+  augment.elastic_sigma_vox = 4.0
+  augment.elastic_magnitude_vox = 4.0
+  augment.flip_prob = 0.5
+  augment.gamma = (0.7, 1.5)
+  augment.noise_std = (0.0, 0.05)
+
+  optim = config.optim = ml_collections.ConfigDict()
+  optim.learning_rate = 1e-4
+  optim.weight_decay = 5e-4
+  optim.decoupled = False  # False: L2 added to the gradient (torch Adam); True: AdamW
+  optim.schedule = 'poly'  # 'poly' | 'constant'
+  optim.poly_power = 0.9
+  optim.warmup_steps = 0
+
+  train = config.train = ml_collections.ConfigDict()
+  train.steps = 100_000
+  train.log_every = 10
+  train.eval_every = 1000
+  train.checkpoint_every = 1000
+  train.keep_checkpoints = 2
+  train.max_bad_steps = 20  # non-finite steps in a row before the run stops
+  train.tensorboard = False
+  train.evaluate_test_center = True
+
+  inference = config.inference = ml_collections.ConfigDict()
+  inference.overlap = 0.5
+  inference.windows_per_batch = 4
+  inference.tta_flips = 8  # number of flip combinations (1 = none, up to 8)
+  inference.threshold = 0.5
+  inference.postprocess = 'fraction'  # 'none' | 'largest' | 'fraction'
+  inference.component_fraction = 0.5  # keep components larger than this share of the largest
+  inference.tumour_inside_pancreas = True
+  inference.pancreas_dilation_vox = 3
+  inference.device_buffer_max_voxels = 256 * 512 * 512
+
+  evaluation = config.evaluation = ml_collections.ConfigDict()
+  evaluation.nsd_tolerance_mm = 2.0
+  return config

@@ -1,0 +1,67 @@
+"""Scale presets: `paper` (the published recipe, for GPUs), `quick` (trains in minutes on a CPU),
+`tiny` (unit and smoke tests). With no preset named, `auto` chooses by the available backend."""
+
+from __future__ import annotations
+
+import ml_collections
+
+PRESETS = ('paper', 'quick', 'tiny')
+
+
+def resolve(preset: str | None) -> tuple[str, str]:
+  """Returns (preset name, why it was chosen)."""
+  if preset in (None, '', 'auto'):
+    import jax  # deferred: choosing a preset is the only reason a config touches jax
+    backend = jax.default_backend()
+    if backend in ('gpu', 'tpu'):
+      return 'paper', f'no preset named; {backend} available -> paper'
+    return 'quick', 'no preset named; CPU only -> quick'
+  if preset not in PRESETS:
+    raise ValueError(f'unknown preset {preset!r}; choose one of {PRESETS} (e.g. --config=FILE:quick)')
+  return preset, f'preset {preset!r} named'
+
+
+def apply(config: ml_collections.ConfigDict, preset: str | None) -> ml_collections.ConfigDict:
+  name, _ = resolve(preset)
+  config.preset = name
+  if name == 'paper':
+    return config
+  data, model, train = config.data, config.model, config.train
+  if name == 'quick':
+    data.synthetic_cases_per_center = 8
+    data.target_spacing_mm = (2.5, 2.0, 2.0)
+    data.patch_size = (32, 64, 64)
+    data.num_positions = 32
+    model.widths = (8, 16, 32, 64)
+    model.blocks = (1, 1, 1, 1)
+    model.dilated_blocks = 1
+    model.fusion_width = 32
+    model.embedding_dim = 16
+    model.decoder_widths = (16, 8, 8)
+    model.num_groups = 4
+    config.optim.learning_rate = 1e-3
+    train.steps = 600
+    train.log_every = 10
+    train.eval_every = 100
+    train.checkpoint_every = 100
+    config.inference.tta_flips = 1
+  elif name == 'tiny':
+    data.synthetic_cases_per_center = 3
+    data.target_spacing_mm = (3.0, 3.0, 3.0)
+    data.patch_size = (16, 32, 32)
+    data.num_positions = 8
+    model.widths = (4, 8, 8, 8)
+    model.blocks = (1, 1, 1, 1)
+    model.dilated_blocks = 1
+    model.fusion_width = 8
+    model.embedding_dim = 8
+    model.decoder_widths = (8, 4, 4)
+    model.num_groups = 2
+    config.optim.learning_rate = 1e-3
+    train.steps = 3
+    train.log_every = 1
+    train.eval_every = 2
+    train.checkpoint_every = 2
+    config.inference.tta_flips = 1
+    config.inference.windows_per_batch = 2
+  return config

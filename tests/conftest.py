@@ -1,0 +1,29 @@
+"""Test set-up shared by every test: two fake CPU devices, parsed absl flags, shared paths."""
+
+import os
+import pathlib
+
+# Two fake CPU devices so data-parallel code is exercised; must precede the first jax import.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+flags.FLAGS.mark_as_parsed()  # Grain's multiprocessing reads absl flags.
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+REAL_CT_DIR = PROJECT_ROOT.parent / 'shared' / 'data' / 'real-ct'
+
+
+@pytest.fixture
+def real_ct_dir():
+  if not (REAL_CT_DIR / 'example_ct.nii.gz').exists():
+    pytest.skip(f'real CT folder {REAL_CT_DIR} is absent (it lives in ../shared beside the project)')
+  return REAL_CT_DIR
+
+
+@pytest.fixture
+def tiny_config():
+  from configs import three_center
+  return three_center.get_config('tiny')

@@ -74,9 +74,11 @@ def base_config() -> ml_collections.ConfigDict:
   loss.transform_k = 1500.0
   loss.transform_k_start = 0.0  # > 0: anneal k from here to transform_k over anneal_steps
   loss.transform_anneal_steps = 0
+  loss.transform_anneal = 'geometric'  # 'geometric' (equal steps per factor) | 'linear'
   loss.consistency_on_sdf = False  # fine stage: also MSE between the views' SDFs
   loss.temperature = 0.05
   loss.slice_min_voxels = 10
+  loss.dice_smooth = 1e-5  # added to both sides of every soft Dice ratio
 
   augment = config.augment = ml_collections.ConfigDict()
   augment.num_views = 2  # 1: no RandConv, a single view
@@ -119,6 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
   inference.tumour_inside_pancreas = True
   inference.pancreas_dilation_vox = 3
   inference.device_buffer_max_voxels = 256 * 512 * 512
+  inference.image_resample_order = 1  # CT to the training spacing: 1 linear, 3 cubic
+  inference.checkpoint = 'best'  # 'best' (workdir/best, else the latest) | 'latest'
 
   evaluation = config.evaluation = ml_collections.ConfigDict()
   evaluation.nsd_tolerance_mm = 2.0

@@ -1,0 +1,335 @@
+"""Every loss against a slow NumPy re-implementation; gradients, weights, jit and the registry."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dualseg_jax import config_base
+from dualseg_jax import losses
+from dualseg_jax.errors import ConfigError
+from dualseg_jax.losses import sdf as sdf_losses
+
+BATCH, DEPTH, HEIGHT, WIDTH, CHANNELS = 2, 8, 16, 16, 2
+EMBEDDING_DIM, NUM_POSITIONS = 4, 5
+
+
+def loss_config(**overrides):
+  config = config_base.base_config().loss
+  for key, value in overrides.items():
+    if key == 'weights':
+      for name in config.weights:
+        config.weights[name] = value.get(name, 0.0)
+    else:
+      config[key] = value
+  return config
+
+
+def make_views(seed, num_views=2, slice_head=False):
+  rng = np.random.default_rng(seed)
+  views = []
+  for _ in range(num_views):
+    view = {
+        'logits': rng.normal(0, 2, (BATCH, DEPTH, HEIGHT, WIDTH, CHANNELS)).astype(np.float32),
+        'sdf': np.tanh(rng.normal(0, 1, (BATCH, DEPTH, HEIGHT, WIDTH, CHANNELS))).astype(
+            np.float32),
+        'embedding': rng.normal(0, 1, (BATCH, DEPTH // 8, HEIGHT // 8, WIDTH // 8,
+                                       EMBEDDING_DIM)).astype(np.float32),
+    }
+    if slice_head:
+      view['slice_logits'] = rng.normal(0, 2, (BATCH, DEPTH)).astype(np.float32)
+    views.append(view)
+  return views
+
+
+def make_batch(seed):
+  rng = np.random.default_rng(seed)
+  grid = np.array([DEPTH // 8, HEIGHT // 8, WIDTH // 8])
+  return {
+      'mask': (rng.random((BATCH, DEPTH, HEIGHT, WIDTH, CHANNELS)) < 0.3).astype(np.float32),
+      'sdf': rng.uniform(-1, 1, (BATCH, DEPTH, HEIGHT, WIDTH, CHANNELS)).astype(np.float32),
+      'sdf_valid': np.array([[True, False], [True, True]]),
+      'positive_positions': rng.integers(0, grid, (BATCH, NUM_POSITIONS, 3)).astype(np.int32),
+      'positive_valid': np.array([[True, True, False, True, False], [False] * NUM_POSITIONS]),
+      'negative_positions': rng.integers(0, grid, (BATCH, NUM_POSITIONS, 3)).astype(np.int32),
+      'negative_valid': np.array([[True, False, True, True, False], [True] * NUM_POSITIONS]),
+      'slice_label': (rng.random((BATCH, DEPTH)) < 0.5).astype(np.float32),
+  }
+
+
+def sigmoid(x):
+  return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+def slow_dice_loss(probability_maps, mask, smooth):
+  losses_per_view = []
+  for probabilities in probability_maps:
+    scores = []
+    for sample, channel in itertools.product(range(mask.shape[0]), range(mask.shape[-1])):
+      p, m = probabilities[sample, ..., channel], mask[sample, ..., channel]
+      scores.append((2 * (p * m).sum() + smooth) / (p.sum() + m.sum() + smooth))
+    losses_per_view.append(1 - np.mean(scores))
+  return np.mean(losses_per_view)
+
+
+def slow_bce(logits, labels):
+  total = 0.0
+  for x, y in zip(logits.astype(np.float64).ravel(), labels.ravel()):
+    total += -y * np.log(sigmoid(np.array(x))) - (1 - y) * np.log(1 - sigmoid(np.array(x)))
+  return total / logits.size
+
+
+def test_every_registered_loss_has_a_weight_in_the_base_config():
+  assert set(losses.LOSSES) == set(config_base.base_config().loss.weights)
+
+
+def test_dice_matches_numpy():
+  views, batch, config = make_views(0), make_batch(1), loss_config()
+  value, metrics = losses.LOSSES['dice'](views, batch, config, 0)
+  expected = slow_dice_loss([sigmoid(v['logits']) for v in views], batch['mask'],
+                            config.dice_smooth)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  np.testing.assert_allclose(metrics['score'], 1 - expected, rtol=1e-5)
+
+
+def test_bce_matches_numpy():
+  views, batch = make_views(2), make_batch(3)
+  value, _ = losses.LOSSES['bce'](views, batch, loss_config(), 0)
+  expected = np.mean([slow_bce(v['logits'], batch['mask']) for v in views])
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+
+
+def test_sdf_l1_counts_only_valid_channels():
+  views, batch = make_views(4), make_batch(5)
+  value, metrics = losses.LOSSES['sdf_l1'](views, batch, loss_config(), 0)
+  per_view = []
+  for view in views:
+    terms = [np.abs(view['sdf'][b, ..., c] - batch['sdf'][b, ..., c]).mean()
+             for b in range(BATCH) for c in range(CHANNELS) if batch['sdf_valid'][b, c]]
+    per_view.append(np.mean(terms))
+  np.testing.assert_allclose(value, np.mean(per_view), rtol=1e-5)
+  assert metrics['valid_fraction'] == pytest.approx(0.75)
+  batch['sdf_valid'] = np.zeros_like(batch['sdf_valid'])
+  assert losses.LOSSES['sdf_l1'](views, batch, loss_config(), 0)[0] == 0.0
+
+
+@pytest.mark.parametrize('transform', ['smooth', 'hard'])
+def test_sdf_to_mask_dice_matches_numpy(transform):
+  views, batch = make_views(6), make_batch(7)
+  config = loss_config(transform=transform, transform_k=20.0)
+  value, _ = losses.LOSSES['sdf_to_mask_dice'](views, batch, config, 0)
+  if transform == 'smooth':
+    maps = [sigmoid(-20.0 * v['sdf']) for v in views]
+  else:
+    maps = [(v['sdf'] <= 0).astype(np.float64) for v in views]
+  np.testing.assert_allclose(value, slow_dice_loss(maps, batch['mask'], config.dice_smooth),
+                             rtol=1e-5)
+
+
+def test_smooth_transform_passes_gradient_where_the_hard_one_passes_none():
+  views, batch = make_views(8, num_views=1), make_batch(9)
+
+  def loss_of_sdf(signed_distance, transform):
+    view = dict(views[0], sdf=signed_distance)
+    config = loss_config(transform=transform, transform_k=50.0)
+    return losses.LOSSES['sdf_to_mask_dice']([view], batch, config, 0)[0]
+
+  smooth_gradient = jax.grad(loss_of_sdf)(views[0]['sdf'], 'smooth')
+  hard_gradient = jax.grad(loss_of_sdf)(views[0]['sdf'], 'hard')
+  assert np.all(np.asarray(hard_gradient) == 0)
+  near_surface = np.abs(views[0]['sdf']) < 0.1
+  assert near_surface.sum() > 100
+  assert np.all(np.isfinite(smooth_gradient)) and np.all(smooth_gradient[near_surface] != 0)
+
+
+@pytest.mark.parametrize('schedule,halfway', [('geometric', 100.0), ('linear', 505.0)])
+def test_transform_sharpness_anneals(schedule, halfway):
+  config = loss_config(transform_k=1000.0, transform_k_start=10.0, transform_anneal_steps=100,
+                       transform_anneal=schedule)
+  sharpness = [float(sdf_losses.transform_sharpness(config, step)) for step in (0, 50, 100, 500)]
+  np.testing.assert_allclose(sharpness, [10.0, halfway, 1000.0, 1000.0], rtol=1e-5)
+  assert float(sdf_losses.transform_sharpness(loss_config(transform_k=7.0), 50)) == 7.0
+
+
+@pytest.mark.parametrize('on_sdf', [False, True])
+def test_consistency_matches_numpy(on_sdf):
+  views, batch = make_views(10), make_batch(11)
+  value, metrics = losses.LOSSES['consistency'](views, batch,
+                                                loss_config(consistency_on_sdf=on_sdf), 0)
+  expected = np.mean((sigmoid(views[0]['logits']) - sigmoid(views[1]['logits'])) ** 2)
+  if on_sdf:
+    expected += np.mean((views[0]['sdf'].astype(np.float64) - views[1]['sdf']) ** 2)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  single, single_metrics = losses.LOSSES['consistency'](views[:1], batch, loss_config(), 0)
+  assert single == 0.0 and set(single_metrics) == set(metrics)
+
+
+def slow_nt_xent(views, batch, temperature):
+  """Loops over samples, view pairs, anchors and negatives."""
+  def feature(view, sample, position):
+    vector = view['embedding'][sample][tuple(position)].astype(np.float64)
+    return vector / np.linalg.norm(vector)
+
+  pairs = [(a, c) for a in range(len(views)) for c in range(len(views)) if a != c] or [(0, 0)]
+  sample_losses = []
+  for sample in range(BATCH):
+    anchor_losses = []
+    for (a, c), i in itertools.product(pairs, range(NUM_POSITIONS)):
+      if not batch['positive_valid'][sample, i]:
+        continue
+      anchor = feature(views[a], sample, batch['positive_positions'][sample, i])
+      partner = feature(views[c], sample, batch['positive_positions'][sample, i])
+      positive = np.exp(anchor @ partner / temperature)
+      denominator = positive
+      for view, j in itertools.product(views, range(NUM_POSITIONS)):
+        if batch['negative_valid'][sample, j]:
+          negative = feature(view, sample, batch['negative_positions'][sample, j])
+          denominator += np.exp(anchor @ negative / temperature)
+      anchor_losses.append(-np.log(positive / denominator))
+    if anchor_losses:
+      sample_losses.append(np.mean(anchor_losses))
+  return np.mean(sample_losses) if sample_losses else 0.0
+
+
+@pytest.mark.parametrize('num_views', [1, 2])
+def test_contrastive_matches_numpy(num_views):
+  views, batch = make_views(12, num_views), make_batch(13)
+  batch['positive_valid'][1, 3] = True  # both samples take part
+  temperature = 0.5  # keeps the NumPy exponentials in range
+  value, metrics = losses.LOSSES['contrastive'](views, batch,
+                                                loss_config(temperature=temperature), 0)
+  np.testing.assert_allclose(value, slow_nt_xent(views, batch, temperature), rtol=1e-5)
+  assert metrics['samples'] == 2
+
+
+def test_contrastive_skips_samples_without_positives():
+  views, batch = make_views(14), make_batch(15)  # sample 1 has no valid positive
+  config = loss_config(temperature=0.5)
+  value, metrics = losses.LOSSES['contrastive'](views, batch, config, 0)
+  np.testing.assert_allclose(value, slow_nt_xent(views, batch, 0.5), rtol=1e-5)
+  assert metrics['samples'] == 1
+  batch['positive_valid'][:] = False
+  value, metrics = losses.LOSSES['contrastive'](views, batch, config, 0)
+  assert value == 0.0 and metrics['samples'] == 0
+
+
+def test_contrastive_at_the_paper_temperature_is_finite_with_its_gradient():
+  views, batch = make_views(16), make_batch(17)
+  views[0]['embedding'][0, 0, 0, 0] = 0.0  # a dead (all-zero after ReLU) feature
+
+  def loss_of(embeddings):
+    new_views = [dict(view, embedding=e) for view, e in zip(views, embeddings)]
+    return losses.LOSSES['contrastive'](new_views, batch, loss_config(), 0)[0]
+
+  value, gradient = jax.value_and_grad(loss_of)([v['embedding'] for v in views])
+  assert np.isfinite(value)
+  assert all(np.all(np.isfinite(g)) for g in gradient)
+
+
+def test_slice_bce_matches_numpy_and_needs_the_slice_head():
+  views, batch = make_views(18, slice_head=True), make_batch(19)
+  value, _ = losses.LOSSES['slice_bce'](views, batch, loss_config(), 0)
+  expected = np.mean([slow_bce(v['slice_logits'], batch['slice_label']) for v in views])
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  with pytest.raises(ConfigError, match='model.slice_head'):
+    losses.LOSSES['slice_bce'](make_views(18), batch, loss_config(), 0)
+
+
+def test_total_loss_is_the_weighted_sum_and_weight_zero_disables_a_term():
+  views, batch = make_views(20), make_batch(21)
+  config = loss_config(weights={'dice': 2.0, 'bce': 0.5, 'sdf_l1': 0.0})
+  total, metrics = losses.total_loss(views, batch, config, 0)
+  dice = losses.LOSSES['dice'](views, batch, config, 0)[0]
+  bce = losses.LOSSES['bce'](views, batch, config, 0)[0]
+  np.testing.assert_allclose(total, 2.0 * dice + 0.5 * bce, rtol=1e-6)
+  assert metrics['loss'] == total and metrics['dice'] == dice and 'dice/score' in metrics
+  assert 'sdf_l1' not in metrics and 'consistency' not in metrics
+
+
+def test_unknown_loss_name_lists_the_registered_ones():
+  config = loss_config()
+  config.weights.tversky = 1.0
+  with pytest.raises(ConfigError, match=r"tversky.*'bce'.*'dice'"):
+    jax.jit(lambda v, b: losses.total_loss(v, b, config, 0)).trace(make_views(0), make_batch(0))
+
+
+ABLATIONS = {
+    'segmentation': ({'dice': 1.0, 'bce': 1.0}, 1),
+    '+sdf_l1': ({'dice': 1.0, 'bce': 1.0, 'sdf_l1': 1.0}, 1),
+    '+sdf_to_mask_dice': ({'dice': 1.0, 'bce': 1.0, 'sdf_l1': 1.0, 'sdf_to_mask_dice': 1.0}, 1),
+    '+consistency': ({'dice': 1.0, 'bce': 1.0, 'sdf_l1': 1.0, 'sdf_to_mask_dice': 1.0,
+                      'consistency': 1.0}, 2),
+    '+contrastive': ({'dice': 1.0, 'bce': 1.0, 'sdf_l1': 1.0, 'sdf_to_mask_dice': 1.0,
+                      'consistency': 1.0, 'contrastive': 0.1}, 2),
+    '+slice_bce': ({'dice': 1.0, 'bce': 1.0, 'sdf_l1': 1.0, 'sdf_to_mask_dice': 1.0,
+                    'consistency': 1.0, 'contrastive': 0.1, 'slice_bce': 1.0}, 2),
+}
+
+
+@pytest.mark.parametrize('ablation', list(ABLATIONS))
+def test_total_loss_gradient_is_finite_under_jit_for_every_ablation(ablation):
+  weights, num_views = ABLATIONS[ablation]
+  config = loss_config(weights=weights, transform_k_start=10.0, transform_anneal_steps=100,
+                       consistency_on_sdf=True)
+  views, batch = make_views(22, num_views, slice_head=True), make_batch(23)
+
+  @jax.jit
+  def loss_and_gradient(views, batch, step):
+    return jax.value_and_grad(lambda v: losses.total_loss(v, batch, config, step), has_aux=True)(
+        views)
+
+  (total, metrics), gradient = loss_and_gradient(views, batch, jnp.int32(7))
+  assert np.isfinite(total) and set(weights) <= set(metrics)
+  for leaf in jax.tree.leaves(gradient):
+    assert np.all(np.isfinite(leaf))
+  trained = {'logits'} | ({'sdf'} if 'sdf_l1' in weights else set())
+  trained |= {'embedding'} if 'contrastive' in weights else set()
+  for key in trained:
+    assert np.any(gradient[0][key] != 0)
+  eager_total, _ = losses.total_loss(views, batch, config, 7)
+  np.testing.assert_allclose(total, eager_total, rtol=1e-5)
+
+
+def focal_loss(views, batch, loss_config, step):
+  """The example of docs/extending_losses.md."""
+  del step
+  mask = batch['mask'].astype(jnp.float32)
+  values = []
+  for view in views:
+    logits = view['logits'].astype(jnp.float32)
+    probabilities = jax.nn.sigmoid(logits)
+    probability_of_truth = mask * probabilities + (1.0 - mask) * (1.0 - probabilities)
+    cross_entropy = optax.sigmoid_binary_cross_entropy(logits, mask)
+    values.append(jnp.mean((1.0 - probability_of_truth) ** loss_config.focal_gamma * cross_entropy))
+  return jnp.mean(jnp.stack(values)), {}
+
+
+@pytest.fixture
+def registered_focal():
+  losses.register('focal')(focal_loss)
+  yield
+  del losses.LOSSES['focal']
+
+
+def test_the_documented_focal_loss_example(registered_focal):
+  config = config_base.base_config()
+  config.loss.weights.focal = 0.0  # the keys the user adds to their config file
+  config.loss.focal_gamma = 2.0
+  config.lock()
+  # What `--config.loss.weights.focal=1.0 --config.loss.weights.dice=0 ...` does when locked.
+  for name in config.loss.weights:
+    config.loss.weights[name] = 0.0
+  config.loss.weights.focal = 1.0
+  with pytest.raises(AttributeError):
+    config.loss.weights.tversky = 1.0  # a key missing from the config cannot be added
+  views, batch = make_views(24), make_batch(25)
+  total, metrics = jax.jit(lambda v, b: losses.total_loss(v, b, config.loss, 0))(views, batch)
+  expected = np.mean([np.mean(optax.sigmoid_focal_loss(v['logits'], batch['mask'], gamma=2.0))
+                      for v in views])
+  np.testing.assert_allclose(total, expected, rtol=1e-5)
+  assert set(metrics) == {'focal', 'loss'}
+  with pytest.raises(ValueError, match='already registered'):
+    losses.register('focal')(focal_loss)

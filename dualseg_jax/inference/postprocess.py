@@ -1,0 +1,100 @@
+"""From per-channel probabilities to a 0/1/2 label map: threshold, connected-component
+filtering, tumour restricted to (a margin around) the pancreas, channels combined.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import numpy as np
+import scipy.ndimage as ndimage
+
+from dualseg_jax.errors import ConfigError
+
+BACKGROUND, PANCREAS, TUMOUR = 0, 1, 2
+COMPONENT_RULES = ('none', 'largest', 'fraction')
+# 26-connectivity: voxels touching at a face, an edge or a corner belong to one component.
+_FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+
+
+def keep_components(mask: np.ndarray, rule: str, fraction: float = 0.5) -> np.ndarray:
+  """Filters the 26-connected components of a boolean mask.
+
+  'none' keeps every component; 'largest' keeps only the largest (the first labelled on a tie);
+  'fraction' keeps the largest and every component with more than `fraction` times its voxels.
+  """
+  if rule not in COMPONENT_RULES:
+    raise ConfigError(f'inference.postprocess = {rule!r}: choose one of {COMPONENT_RULES}')
+  mask = np.asarray(mask, dtype=bool)
+  if rule == 'none' or not mask.any():
+    return mask
+  components, num_components = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
+  sizes = np.bincount(components.ravel(), minlength=num_components + 1)
+  sizes[0] = 0  # background
+  largest = int(np.argmax(sizes))
+  if rule == 'largest':
+    keep = np.zeros(num_components + 1, dtype=bool)
+    keep[largest] = True
+  else:
+    keep = sizes > fraction * sizes[largest]
+    keep[largest] = True
+    keep[0] = False
+  return keep[components]
+
+
+def dilate_voxels(mask: np.ndarray, radius_vox: float) -> np.ndarray:
+  """The mask grown by a ball of `radius_vox` voxels (voxel units, whatever the spacing)."""
+  mask = np.asarray(mask, dtype=bool)
+  if radius_vox <= 0 or not mask.any():
+    return mask
+  # The distance transform only needs the mask's bounding box grown by the radius.
+  margin = int(np.ceil(radius_vox))
+  box = tuple(slice(max(int(indices.min()) - margin, 0), int(indices.max()) + margin + 1)
+              for indices in np.nonzero(mask))
+  dilated = np.zeros_like(mask)
+  dilated[box] = ndimage.distance_transform_edt(~mask[box]) <= radius_vox
+  return dilated
+
+
+def channels_for_stage(stage: str) -> tuple[int, ...]:
+  """The label each output channel of a stage stands for (see docs/design.md)."""
+  if stage == 'joint':
+    return (PANCREAS, TUMOUR)
+  if stage.startswith('pancreas'):
+    return (PANCREAS,)
+  if stage.startswith('tumour'):
+    return (TUMOUR,)
+  raise ConfigError(f'stage = {stage!r}: choose joint, pancreas_coarse/fine or tumour_coarse/fine')
+
+
+def probabilities_to_label(probabilities: np.ndarray, stage: str,
+                           inference_config: ml_collections.ConfigDict,
+                           pancreas_mask: np.ndarray | None = None) -> np.ndarray:
+  """(D, H, W, C) probabilities of one stage -> uint8 label map (D, H, W) with 0/1/2.
+
+  The pancreas is filtered first; the tumour is then kept only inside the pancreas grown by
+  `pancreas_dilation_vox` (when `tumour_inside_pancreas`; an empty pancreas then removes every
+  tumour), filtered, and written over the pancreas: tumour voxels are labelled 2 and count as
+  pancreas. A tumour-only stage restricts to `pancreas_mask` when one is given (the cascade).
+  """
+  channel_labels = channels_for_stage(stage)
+  if probabilities.shape[-1] != len(channel_labels):
+    raise ConfigError(f'stage {stage!r} expects {len(channel_labels)} output channels but the '
+                      f'model gives {probabilities.shape[-1]}: check model.num_classes')
+  rule = inference_config.postprocess
+  fraction = inference_config.component_fraction
+  foreground = probabilities > inference_config.threshold
+  label = np.zeros(probabilities.shape[:3], dtype=np.uint8)
+
+  pancreas = None
+  if PANCREAS in channel_labels:
+    pancreas = keep_components(foreground[..., channel_labels.index(PANCREAS)], rule, fraction)
+    label[pancreas] = PANCREAS
+  elif pancreas_mask is not None:
+    pancreas = np.asarray(pancreas_mask, dtype=bool)
+  if TUMOUR in channel_labels:
+    tumour = foreground[..., channel_labels.index(TUMOUR)]
+    if inference_config.tumour_inside_pancreas and pancreas is not None:
+      tumour = tumour & dilate_voxels(pancreas, inference_config.pancreas_dilation_vox)
+    tumour = keep_components(tumour, rule, fraction)
+    label[tumour] = TUMOUR
+  return label

@@ -48,6 +48,10 @@ def base_config() -> ml_collections.ConfigDict:
   data.num_workers = 0
   data.prefetch = 2
   data.skip_bad_cases = False
+  data.image_interpolation = 'linear'  # resampling the CT to target_spacing_mm: 'linear' | 'cubic'
+  data.body_threshold_hu = -500.0  # cache crop: largest component above this HU is the body
+  data.body_margin_mm = 10.0  # kept around the body's bounding box
+  data.ring_side_vox = (10, 20)  # contrastive negatives: cube side range of the ring dilation
 
   model = config.model = ml_collections.ConfigDict()
   model.widths = (32, 64, 128, 256)  # encoder widths per resolution level
@@ -121,7 +125,6 @@ def base_config() -> ml_collections.ConfigDict:
   inference.tumour_inside_pancreas = True
   inference.pancreas_dilation_vox = 3
   inference.device_buffer_max_voxels = 256 * 512 * 512
-  inference.image_resample_order = 1  # CT to the training spacing: 1 linear, 3 cubic
   inference.checkpoint = 'best'  # 'best' (workdir/best, else the latest) | 'latest'
 
   evaluation = config.evaluation = ml_collections.ConfigDict()

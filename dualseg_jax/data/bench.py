@@ -1,0 +1,80 @@
+"""Loader benchmark: host time per training example, iterator throughput with the configured
+workers, and the device-side augmentation time per batch (`python -m launch.bench --what=loader`)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from dualseg_jax.data import loader
+from dualseg_jax.data import preprocess
+from dualseg_jax.data import registry
+
+
+def benchmark_loader(config: ml_collections.ConfigDict, num_batches: int = 20,
+                     augment: bool = True) -> dict[str, Any]:
+  """Measure the input pipeline of `config` (phantoms and cache are built when missing).
+
+  Returns the cache build time, host seconds per example in one thread (`sample_patch` alone),
+  samples/s that one worker can deliver, batches/s of the real iterator (data.num_workers
+  processes) and, with `augment`, the jitted device augmentation's seconds per batch.
+  """
+  import jax  # deferred: the host part needs no accelerator
+  from dualseg_jax.data import augment as augment_lib
+
+  config = config.copy_and_resolve_references()
+  if config.data.source == 'synthetic' and not config.data.root:
+    config.data.root = 'data/synthetic'
+  started = time.perf_counter()
+  cache = preprocess.ensure_cache(config, progress=False)
+  cache_seconds = time.perf_counter() - started
+  split = registry.split_cases(config.data, registry.list_cases(config.data), config.seed)
+  cases = loader.cached_cases(cache, split.train, config.stage, config.data.centers)
+  settings = loader.PatchSettings.from_config(config)
+  batch_size = loader.local_batch_size(int(config.data.batch_size), jax.process_count())
+
+  # One thread, no prefetch: what a single worker costs per example (after one warm read).
+  rng = np.random.default_rng(0)
+  loader.sample_patch(cases[0], settings, rng)
+  num_samples = max(num_batches * batch_size, 5)
+  started = time.perf_counter()
+  for index in range(num_samples):
+    loader.sample_patch(cases[index % len(cases)], settings, rng)
+  host_seconds = (time.perf_counter() - started) / num_samples
+
+  iterator = loader.make_train_iterator(config, split.train, cache, config.seed)
+  batch = next(iterator)  # starts workers and fills the prefetch buffers
+  started = time.perf_counter()
+  for _ in range(num_batches):
+    batch = next(iterator)
+  iterator_seconds = (time.perf_counter() - started) / num_batches
+
+  result = {
+      'benchmark': 'loader',
+      'stage': config.stage,
+      'patch_size': list(settings.patch_size),
+      'batch_size_per_process': batch_size,
+      'num_workers': int(config.data.num_workers),
+      'train_cases': len(cases),
+      'cache_build_or_check_s': round(cache_seconds, 3),
+      'host_ms_per_example_one_thread': round(1000 * host_seconds, 2),
+      'samples_per_s_per_worker': round(1.0 / host_seconds, 2),
+      'host_ms_per_batch': round(1000 * iterator_seconds, 2),
+      'batches_per_s': round(1.0 / iterator_seconds, 2),
+  }
+  if augment:
+    device_batch = jax.device_put({name: value for name, value in batch.items()})
+    augment_fn = jax.jit(lambda key, b: augment_lib.augment_batch(
+        key, b, config.augment, cache.settings.target_spacing_mm, config.loss.slice_min_voxels))
+    jax.block_until_ready(augment_fn(jax.random.key(0), device_batch))
+    repeats = max(3, num_batches // 4)
+    started = time.perf_counter()
+    for step in range(repeats):
+      out = augment_fn(jax.random.key(step + 1), device_batch)
+    jax.block_until_ready(out)
+    result['device_augment_ms_per_batch'] = round(1000 * (time.perf_counter() - started) / repeats, 2)
+    result['device'] = str(jax.devices()[0].device_kind)
+  return result

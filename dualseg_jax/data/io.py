@@ -4,13 +4,15 @@ writing canonical arrays back in their source geometry; every bad input becomes 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import gzip
 import logging
+import math
 import os
 import pathlib
 import struct
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -24,12 +26,19 @@ LABEL_VALUES = (0, 1, 2)  # background, pancreas, tumour
 MAX_SPACING_MM = 50.0
 # Below this a voxel axis is degenerate (a zero column in the affine), not merely fine.
 MIN_SPACING_MM = 1e-4
+# Far beyond any CT (a 1024x1024x2000 scan is 2^31 voxels); a header claiming more is corrupt.
+MAX_VOXELS = 2 ** 32
+# Deflate cannot expand data more than 1032-fold, so a .gz file of N bytes holds at most this
+# many times N bytes: a header claiming more is corrupt, refused before anything is allocated.
+_MAX_GZIP_EXPANSION = 1040
 
 # What the readers raise on a damaged file; each becomes a DataError naming the file.
 _CORRUPT_FILE_ERRORS = (
     OSError, EOFError, zlib.error, gzip.BadGzipFile, struct.error, ValueError, TypeError,
-    KeyError, IndexError, AttributeError, nib.filebasedimages.ImageFileError,
+    KeyError, IndexError, AttributeError, OverflowError, nib.filebasedimages.ImageFileError,
     nib.spatialimages.HeaderDataError)
+# pydicom also raises these on damaged files: an unknown VR, a length field claiming gigabytes.
+_DICOM_FILE_ERRORS = (RuntimeError, NotImplementedError, MemoryError, *_CORRUPT_FILE_ERRORS)
 
 # NRRD world spaces -> the sign flips that take them to nibabel's RAS+ world.
 _NRRD_SPACE_TO_RAS = {
@@ -121,9 +130,15 @@ def _check_declared_spacing(spacing, source: str, what: str) -> None:
         f'most {MAX_SPACING_MM} mm: fix the header and {_REEXPORT}')
 
 
+def _describe(error: BaseException) -> str:
+  detail = str(error)
+  if isinstance(error, MemoryError) and not detail:
+    detail = 'a length field claims more bytes than fit in memory'
+  return f'{type(error).__name__}: {detail}'
+
+
 def _corrupt(path, error: BaseException) -> DataError:
-  return DataError(
-      f'{path} is truncated or corrupt ({type(error).__name__}: {error}): {_REEXPORT}')
+  return DataError(f'{path} is truncated or corrupt ({_describe(error)}): {_REEXPORT}')
 
 
 # --- NIfTI -------------------------------------------------------------------------------------
@@ -141,6 +156,7 @@ def _read_nifti(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
         raw_header['pixdim'][1:1 + num_spatial], str(path), 'pixdim (voxel size)')
     affine = np.asarray(image.affine, dtype=np.float64)
     proxy = image.dataobj
+    _check_claimed_nifti_size(path, proxy)
     raw = np.asarray(proxy.get_unscaled())
     array = _apply_scaling(raw, float(proxy.slope), float(proxy.inter))
   except DataError:
@@ -150,17 +166,36 @@ def _read_nifti(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   return array, affine
 
 
+def _check_claimed_nifti_size(path: pathlib.Path, proxy) -> None:
+  """Refuses a header whose shape and data type need more bytes than the file can hold."""
+  num_voxels = math.prod(int(n) for n in proxy.shape)
+  claimed_bytes = num_voxels * np.dtype(proxy.dtype).itemsize
+  file_bytes = path.stat().st_size
+  if _suffix(path) == '.nii.gz':
+    available_bytes = file_bytes * _MAX_GZIP_EXPANSION
+  else:
+    available_bytes = file_bytes - int(proxy.offset)
+  if num_voxels > MAX_VOXELS or claimed_bytes > available_bytes:
+    raise DataError(
+        f'{path} is truncated or corrupt: its header claims shape {tuple(proxy.shape)} of '
+        f'{np.dtype(proxy.dtype).name} ({claimed_bytes} bytes of voxels), more than the '
+        f'{file_bytes}-byte file can hold: {_REEXPORT}')
+
+
 def _apply_scaling(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
   """raw * slope + inter as nibabel scales it, keeping integers where that is exact."""
   integral = float(slope).is_integer() and float(inter).is_integer()
   if np.issubdtype(raw.dtype, np.integer) or raw.dtype == np.bool_:
     if slope == 1.0 and inter == 0.0:
       return raw
-    if integral:
+    if integral and raw.size and max(abs(slope), abs(inter)) < 2.0 ** 62:
       lowest, highest = int(raw.min()), int(raw.max())
-      ends = (lowest * slope + inter, highest * slope + inter)
-      dtype = _smallest_signed_int(int(min(ends)), int(max(ends)))
-      return (raw.astype(dtype) * dtype.type(slope) + dtype.type(inter)).astype(dtype)
+      # The dtype must hold the slope and intercept too: they are cast to it.
+      ends = (lowest * int(slope) + int(inter), highest * int(slope) + int(inter), int(slope),
+              int(inter))
+      if min(ends) >= np.iinfo(np.int64).min and max(ends) <= np.iinfo(np.int64).max:
+        dtype = _smallest_signed_int(min(ends), max(ends))
+        return (raw.astype(dtype) * dtype.type(slope) + dtype.type(inter)).astype(dtype)
   if slope == 1.0 and inter == 0.0 and raw.dtype == np.float32:
     return raw
   # float32 is ample for HU; values beyond its range become inf and are reported as such.
@@ -182,8 +217,14 @@ def _read_nrrd(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
   import nrrd  # deferred: only NRRD inputs need it
 
   try:
-    data, header = nrrd.read(str(path), index_order='F')
-  except (nrrd.NRRDError, *_CORRUPT_FILE_ERRORS) as error:
+    with open(path, 'rb') as file:
+      header = nrrd.read_header(file)
+      _check_nrrd_data_file(path, header)
+      data = nrrd.read_data(header, file, str(path), index_order='F')
+  except DataError:
+    raise
+  # StopIteration: pynrrd's header parser on an empty file.
+  except (nrrd.NRRDError, StopIteration, *_CORRUPT_FILE_ERRORS) as error:
     raise _corrupt(path, error) from error
   if 'space directions' not in header:
     raise DataError(
@@ -210,12 +251,33 @@ def _read_nrrd(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
         f'{path} has {len(spatial)} spatial axes (shape {data.shape}); a 3D volume is needed')
   # Spatial axes first, in file order; non-spatial (channel, time) axes after them.
   data = np.transpose(data, spatial + other)
-  origin = np.asarray(header.get('space origin', np.zeros(3)), dtype=np.float64)
+  try:
+    origin = np.asarray(header.get('space origin', np.zeros(3)), dtype=np.float64)
+  except (TypeError, ValueError):
+    origin = np.zeros((0,))
+  if origin.shape != (3,):
+    raise DataError(f"{path}: 'space origin' {origin.tolist()} is not a 3D point: {_REEXPORT}")
   affine = np.eye(4)
   affine[:3, :3] = directions[spatial].T
   affine[:3, 3] = origin
   flips = np.diag(list(_NRRD_SPACE_TO_RAS[space]) + [1.0])
   return np.ascontiguousarray(_apply_scaling(data, 1.0, 0.0)), flips @ affine
+
+
+def _check_nrrd_data_file(path: pathlib.Path, header: dict) -> None:
+  """Refuses what would make reading the data hang or exhaust memory: a data file that is not a
+  regular file (a device such as /dev/zero never ends) and more lines to skip than it holds."""
+  data_file = header.get('datafile', header.get('data file'))
+  data_path = path if data_file is None else path.parent / str(data_file)
+  if not data_path.is_file():
+    raise DataError(
+        f"{path} names data file {str(data_file)!r}, which is not a regular file ({data_path}): "
+        f'fix the header or give the file beside it')
+  line_skip = int(header.get('lineskip', header.get('line skip', 0)))
+  if line_skip > data_path.stat().st_size:
+    raise DataError(
+        f"{path} is corrupt: its header skips {line_skip} lines of {data_path}, which holds "
+        f'only {data_path.stat().st_size} bytes: {_REEXPORT}')
 
 
 # --- DICOM -------------------------------------------------------------------------------------
@@ -232,15 +294,13 @@ def _read_dicom_series(folder: pathlib.Path) -> tuple[np.ndarray, np.ndarray, st
       header = pydicom.dcmread(file, stop_before_pixels=True)
     except InvalidDicomError:
       continue  # not DICOM (a README, a DICOMDIR-less listing): not part of any series
-    except _CORRUPT_FILE_ERRORS as error:
+    except _dicom_file_errors() as error:
       raise _corrupt(file, error) from error
-    required = ('ImagePositionPatient', 'ImageOrientationPatient', 'PixelSpacing', 'Rows')
-    if not all(hasattr(header, key) for key in required):
+    found = _dicom_slice_geometry(file, header)
+    if found is None:
       continue  # structure sets, reports, scouts without geometry
-    orientation = tuple(np.round(np.asarray(header.ImageOrientationPatient, float), 4))
-    key = (str(getattr(header, 'SeriesInstanceUID', '')), orientation,
-           int(header.Rows), int(header.Columns))
-    series[key].append((file, header))
+    key, geometry = found
+    series[key].append((file, geometry))
     descriptions[key] = str(getattr(header, 'SeriesDescription', '') or '').strip()
   if not series:
     raise DataError(
@@ -256,14 +316,14 @@ def _read_dicom_series(folder: pathlib.Path) -> tuple[np.ndarray, np.ndarray, st
     logging.warning('%s holds %d series; reading the largest: %s', folder, len(series), source)
 
   first = slices[0][1]
-  orientation = np.asarray(first.ImageOrientationPatient, dtype=np.float64)
+  orientation = first.orientation
   row_direction, column_direction = orientation[:3], orientation[3:]
   normal = np.cross(row_direction, column_direction)
   if not np.isclose(np.linalg.norm(normal), 1.0, atol=1e-3):
     raise DataError(
         f'{slices[0][0]}: ImageOrientationPatient {orientation.tolist()} is not two orthogonal '
         f'unit vectors: {_REEXPORT}')
-  positions = np.asarray([s[1].ImagePositionPatient for s in slices], dtype=np.float64)
+  positions = np.asarray([s[1].position for s in slices], dtype=np.float64)
   heights = positions @ normal
   order = np.argsort(heights, kind='stable')
   slices = [slices[i] for i in order]
@@ -283,7 +343,7 @@ def _read_dicom_series(folder: pathlib.Path) -> tuple[np.ndarray, np.ndarray, st
         f'{np.round(gaps.max(), 4)} mm): slices are missing or the series is irregular; '
         'export the complete series or resample it')
 
-  row_spacing, column_spacing = (float(v) for v in first.PixelSpacing)
+  row_spacing, column_spacing = first.pixel_spacing
   _check_declared_spacing((row_spacing, column_spacing), str(slices[0][0]), 'PixelSpacing')
   affine_lps = np.eye(4)
   # Array axis i runs along a row (across columns), j down the rows, k through the slices.
@@ -297,26 +357,92 @@ def _read_dicom_series(folder: pathlib.Path) -> tuple[np.ndarray, np.ndarray, st
     try:
       dataset = pydicom.dcmread(file)
       pixels = dataset.pixel_array
-    except (InvalidDicomError, RuntimeError, NotImplementedError, *_CORRUPT_FILE_ERRORS) as error:
+    except (InvalidDicomError, *_dicom_file_errors()) as error:
       raise DataError(
-          f'{file}: its pixel data cannot be decoded ({type(error).__name__}: {error}); the '
+          f'{file}: its pixel data cannot be decoded ({_describe(error)}); the '
           f'slice is truncated or corrupt, or compressed with a codec not installed: {_REEXPORT} '
           'uncompressed') from error
     if pixels.shape != (int(dataset.Rows), int(dataset.Columns)):
       raise DataError(
           f'{file}: pixel data of shape {pixels.shape} is not one grey-level slice of '
           f'{dataset.Rows}x{dataset.Columns} (multi-frame or colour); {_REEXPORT} as a CT series')
+    slope, intercept = _dicom_rescale(file, dataset)
     planes.append(pixels)
-    slopes.append(float(getattr(dataset, 'RescaleSlope', 1.0) or 1.0))
-    intercepts.append(float(getattr(dataset, 'RescaleIntercept', 0.0) or 0.0))
+    slopes.append(slope)
+    intercepts.append(intercept)
   stacked = np.stack(planes)  # (slice, row, column)
   if len(set(slopes)) == 1 and len(set(intercepts)) == 1:
     stacked = _apply_scaling(stacked, slopes[0], intercepts[0])
   else:
-    stacked = (stacked.astype(np.float32) * np.float32(slopes)[:, None, None]
-               + np.float32(intercepts)[:, None, None])
+    with np.errstate(over='ignore'):  # beyond float32: inf, reported as non-finite voxels
+      stacked = (stacked.astype(np.float32) * np.float32(slopes)[:, None, None]
+                 + np.float32(intercepts)[:, None, None])
   array = np.ascontiguousarray(np.transpose(stacked, (2, 1, 0)))  # (column, row, slice) = (i, j, k)
   return array, _LPS_TO_RAS @ affine_lps, source
+
+
+@dataclasses.dataclass(frozen=True)
+class _DicomSliceGeometry:
+  orientation: np.ndarray  # row direction then column direction, LPS
+  position: np.ndarray  # of the first pixel, LPS mm
+  pixel_spacing: tuple[float, float]  # (between rows, between columns) mm
+
+
+def _dicom_file_errors() -> tuple[type[BaseException], ...]:
+  from pydicom.errors import BytesLengthException  # deferred with pydicom itself
+
+  return (BytesLengthException, *_DICOM_FILE_ERRORS)
+
+
+def _dicom_slice_geometry(file: pathlib.Path, header) -> tuple[tuple, _DicomSliceGeometry] | None:
+  """(series key, geometry) of an image slice, None for a file without image geometry.
+
+  pydicom decodes element values when they are first used, so a damaged value surfaces here, as
+  a DataError naming the file.
+  """
+  try:
+    required = ('ImagePositionPatient', 'ImageOrientationPatient', 'PixelSpacing', 'Rows')
+    if not all(hasattr(header, key) for key in required):
+      return None
+    geometry = _DicomSliceGeometry(
+        orientation=_dicom_numbers(header, 'ImageOrientationPatient', 6),
+        position=_dicom_numbers(header, 'ImagePositionPatient', 3),
+        pixel_spacing=tuple(_dicom_numbers(header, 'PixelSpacing', 2).tolist()))
+    key = (str(getattr(header, 'SeriesInstanceUID', '')),
+           tuple(np.round(geometry.orientation, 4)), int(header.Rows), int(header.Columns))
+  except DataError as error:
+    raise DataError(f'{file}: {error}; fix the header and {_REEXPORT}') from error
+  except _dicom_file_errors() as error:
+    raise _corrupt(file, error) from error
+  return key, geometry
+
+
+def _dicom_numbers(dataset, keyword: str, count: int, default=None) -> np.ndarray:
+  """The `count` values of a numeric element (`default` when absent or empty)."""
+  value = getattr(dataset, keyword, None)
+  if default is not None and (value is None or value == ''):
+    return np.asarray(default, dtype=np.float64)
+  is_list = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+  items = list(value) if is_list else [value]
+  try:
+    numbers = np.array([float(item) for item in items], dtype=np.float64)
+  except (TypeError, ValueError, OverflowError):
+    numbers = None
+  if numbers is None or numbers.shape != (count,) or not np.all(np.isfinite(numbers)):
+    raise DataError(f'{keyword} {items!r:.120} is not {count} finite number{"s" * (count > 1)}')
+  return numbers
+
+
+def _dicom_rescale(file: pathlib.Path, dataset) -> tuple[float, float]:
+  """(RescaleSlope, RescaleIntercept); an absent, empty or zero slope means 1."""
+  try:
+    slope = float(_dicom_numbers(dataset, 'RescaleSlope', 1, default=[1.0])[0])
+    intercept = float(_dicom_numbers(dataset, 'RescaleIntercept', 1, default=[0.0])[0])
+  except DataError as error:
+    raise DataError(f'{file}: {error}; fix the header and {_REEXPORT}') from error
+  except _dicom_file_errors() as error:
+    raise _corrupt(file, error) from error
+  return slope or 1.0, intercept
 
 
 # --- Writing -----------------------------------------------------------------------------------
@@ -455,6 +581,15 @@ def same_canonical_grid(first: volume_lib.Volume, second: volume_lib.Volume,
   return bool(np.max(np.abs(difference[:3])) <= atol_mm)
 
 
+def _check_not_constant(image: volume_lib.Volume, source: str) -> None:
+  # A CT holds air, tissue and bone; a single value everywhere is a failed export or conversion.
+  lowest, highest = image.array.min(), image.array.max()
+  if lowest == highest:
+    raise DataError(
+        f'{source} holds the single value {lowest.item()} in all {image.array.size} voxels: it is '
+        f'not a CT image (a failed export or conversion); {_REEXPORT}')
+
+
 def read_case(image_path: str | os.PathLike, label_path: str | os.PathLike, label_map=None,
               source_desc: str = '', atol_mm: float = 1e-3
               ) -> tuple[volume_lib.Volume, volume_lib.Volume]:
@@ -466,6 +601,7 @@ def read_case(image_path: str | os.PathLike, label_path: str | os.PathLike, labe
   prefix = f'{source_desc}: ' if source_desc else ''
   try:
     image = read_volume(image_path)
+    _check_not_constant(image, f'image {image_path}')
     label = read_volume(label_path)
     if not same_canonical_grid(image, label, atol_mm):
       raise DataError(

@@ -376,9 +376,14 @@ def case_problems(case: Case, label_map=None) -> list[str]:
   if problems:
     return problems
   try:
-    io.read_case(case.image_path, case.label_path, label_map, source_desc=name)
+    _, label = io.read_case(case.image_path, case.label_path, label_map, source_desc=name)
   except DataError as error:
-    problems.append(str(error))
+    return [str(error)]
+  if not label.array.any():
+    # Every stage crops around the pancreas (tumour voxels count as pancreas).
+    problems.append(
+        f'{name}: label {case.label_path} has no pancreas or tumour voxels (all background after '
+        'data.label_map): give the label that marks the pancreas, or check data.label_map')
   return problems
 
 

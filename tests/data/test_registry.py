@@ -21,7 +21,7 @@ def _write(path, array, affine=None):
 
 
 def _image(path, shape=SHAPE):
-  return _write(path, np.full(shape, -100, np.int16))
+  return _write(path, (np.arange(np.prod(shape)) % 7 * 40 - 100).reshape(shape).astype(np.int16))
 
 
 def _label(path, shape=SHAPE, value=1):
@@ -240,5 +240,5 @@ def test_check_cases_reports_every_bad_case_at_once(tmp_path):
 
   kept, report = registry.check_cases(cases, skip_bad_cases=True)
   assert kept == [good] and report == problems
-  kept, report = registry.check_cases(cases[:1] + [bad_values], label_map='5:2')
+  kept, report = registry.check_cases(cases[:1] + [bad_values], label_map='1:1,5:2')
   assert kept == [good, bad_values] and report == []

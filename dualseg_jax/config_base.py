@@ -108,7 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   train = config.train = ml_collections.ConfigDict()
   train.steps = 100_000
   train.log_every = 10
-  train.eval_every = 1000
+  train.eval_every = 1000  # 0: no validation
   train.checkpoint_every = 1000
   train.keep_checkpoints = 2
   train.max_bad_steps = 20  # non-finite steps in a row before the run stops

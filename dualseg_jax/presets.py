@@ -63,5 +63,6 @@ def apply(config: ml_collections.ConfigDict, preset: str | None) -> ml_collectio
     train.eval_every = 2
     train.checkpoint_every = 2
     config.inference.tta_flips = 1
-    config.inference.windows_per_batch = 2
+    config.inference.overlap = 0.25
+    config.inference.windows_per_batch = 8
   return config

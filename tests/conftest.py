@@ -12,6 +12,14 @@ from absl import flags  # noqa: E402
 
 flags.FLAGS.mark_as_parsed()  # Grain's multiprocessing reads absl flags.
 
+import jax  # noqa: E402
+
+# Many tests build the same tiny networks: compiled programs are reused across tests and runs.
+jax.config.update('jax_compilation_cache_dir',
+                  os.environ.get('DUALSEG_TEST_COMPILATION_CACHE', '/tmp/dualseg_jax_test_xla_cache'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 REAL_CT_DIR = PROJECT_ROOT.parent / 'shared' / 'data' / 'real-ct'
 

@@ -1,0 +1,323 @@
+"""The training loop: data, mesh, jitted step, checkpoints, validation, and the held-out evaluation.
+
+`train_and_evaluate(config, workdir)` is the one function `python -m launch.train` calls. Rerun
+with the same workdir to resume exactly where the last checkpoint left off.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from dualseg_jax import config_base
+from dualseg_jax import presets
+from dualseg_jax.errors import ConfigError
+from dualseg_jax.train import checkpoint as checkpoint_lib
+from dualseg_jax.train import parallel
+from dualseg_jax.train import reporting
+from dualseg_jax.train import step as step_lib
+from dualseg_jax.train import validate as validate_lib
+
+log = logging.getLogger('dualseg_jax')
+
+# Keys that may differ between a run and its resumption without changing what it computes.
+_RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
+                      'train.keep_checkpoints', 'train.tensorboard', 'train.evaluate_test_center',
+                      'data.num_workers', 'data.prefetch', 'inference')
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, dict):
+      flat.update(_flatten(value, name + '.'))
+    else:
+      flat[name] = value
+  return flat
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+  """Keys whose values differ between two config dicts, ignoring those a resume may change."""
+  saved_flat, current_flat = _flatten(saved), _flatten(current)
+  differences = []
+  for key in sorted(set(saved_flat) | set(current_flat)):
+    if any(key == allowed or key.startswith(allowed + '.') for allowed in _RESUMABLE_CHANGES):
+      continue
+    if saved_flat.get(key) != current_flat.get(key):
+      differences.append(f'{key}: run has {saved_flat.get(key)!r}, now {current_flat.get(key)!r}')
+  return differences
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Impossible settings fail here, naming the key, before any data is read."""
+  if config.stage not in config_base.STAGES:
+    raise ConfigError(f'stage={config.stage!r}: choose one of {config_base.STAGES}')
+  for size in config.data.patch_size:
+    if size % 8:
+      raise ConfigError(f'data.patch_size={tuple(config.data.patch_size)}: every size must be a '
+                        'multiple of 8 (the network downsamples three times)')
+  if config.data.batch_size < 1:
+    raise ConfigError(f'data.batch_size={config.data.batch_size}: must be at least 1')
+  if config.augment.num_views not in (1, 2):
+    raise ConfigError(f'augment.num_views={config.augment.num_views}: choose 1 or 2')
+  if config.train.steps < 1:
+    raise ConfigError(f'train.steps={config.train.steps}: must be at least 1')
+  expected_classes = 2 if config.stage == 'joint' else 1
+  if config.model.num_classes != expected_classes:
+    raise ConfigError(f'model.num_classes={config.model.num_classes} but stage {config.stage!r} '
+                      f'predicts {expected_classes} channel(s); set --config.model.num_classes='
+                      f'{expected_classes}')
+  if config.model.widths[0] % config.model.num_groups:
+    raise ConfigError(f'model.widths[0]={config.model.widths[0]} is not divisible by '
+                      f'model.num_groups={config.model.num_groups}')
+  if config.loss.transform not in ('smooth', 'hard'):
+    raise ConfigError(f'loss.transform={config.loss.transform!r}: choose smooth or hard')
+  if config.data.fold == -1 and config.data.test_center and config.data.test_center not in config.data.centers:
+    raise ConfigError(f'data.test_center={config.data.test_center!r} is not one of data.centers='
+                      f'{tuple(config.data.centers)}')
+
+
+def default_workdir(config: ml_collections.ConfigDict, config_path: str = '') -> pathlib.Path:
+  name = pathlib.Path(config_path.split(':')[0]).stem if config_path else 'run'
+  held_out = (f'test_{config.data.test_center}' if config.data.fold < 0
+              else f'fold{config.data.fold}')
+  return pathlib.Path('runs') / f'{name}-{config.stage}-{config.preset}-{held_out}'
+
+
+def _prepare_workdir(config, workdir: pathlib.Path, overwrite: bool) -> None:
+  workdir.mkdir(parents=True, exist_ok=True)
+  path = workdir / 'config.json'
+  current = json.loads(config.to_json_best_effort())
+  if path.exists():
+    saved = json.loads(path.read_text())
+    differences = config_differences(saved, current)
+    if differences and not overwrite:
+      raise ConfigError(
+          f'{workdir} holds a run with a different config:\n  ' + '\n  '.join(differences) +
+          '\nuse another --workdir, or --overwrite to continue this run with the new config')
+  if jax.process_index() == 0:
+    tmp = path.with_suffix('.json.tmp')
+    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
+    tmp.replace(path)
+
+
+class _StopRequest:
+  """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint and leaves at the next step."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: signals stay with the caller
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.requested:  # a second Ctrl-C: give up waiting
+      raise KeyboardInterrupt
+    self.requested = True
+    log.warning('signal %d received: saving a checkpoint, then stopping', signum)
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    return False
+
+
+@dataclasses.dataclass
+class RunResult:
+  workdir: pathlib.Path
+  final_step: int
+  wall_time_s: float
+  stopped_early: bool
+  best_val_dice: float | None
+  test_summary: dict | None
+
+
+def _shardings_for(state, mesh):
+  return jax.tree.map(lambda _: parallel.replicated_sharding(mesh), state)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                       overwrite: bool = False, mesh=None, stop_at_step: int | None = None
+                       ) -> RunResult:
+  """Trains `config.stage` in `workdir` (resuming if it holds a run) and evaluates the test center.
+
+  `stop_at_step` behaves like a preemption at that step: a checkpoint, then an early return.
+  """
+  from dualseg_jax.data import pipeline  # deferred: data modules pull in grain and scipy
+
+  started = time.time()
+  workdir = pathlib.Path(workdir)
+  validate_config(config)
+  pipeline.resolve_data_root(config)
+  _prepare_workdir(config, workdir, overwrite)
+  log.info('preset %s; stage %s; workdir %s', config.preset, config.stage, workdir)
+
+  mesh = mesh or parallel.make_mesh()
+  local_batch = parallel.check_global_batch(config.data.batch_size, mesh)
+  data = pipeline.prepare(config, workdir)
+  patch_size = tuple(config.data.patch_size)
+
+  rng = jax.random.PRNGKey(config.seed)
+  model, state, optimizer = step_lib.create_train_state(config, rng, patch_size)
+  state = parallel.replicate(state, mesh)
+  iterator = pipeline.train_iterator(config, data, local_batch)
+
+  checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  restored = checkpointer.restore(state, iterator)
+  start_step = 0
+  if restored is not None:
+    state, start_step = restored
+    log.info('resumed from the checkpoint at step %d', start_step)
+  metrics_log = reporting.MetricsLog(workdir / 'metrics.jsonl', resume_step=start_step,
+                                     tensorboard_dir=(workdir / 'tensorboard'
+                                                      if config.train.tensorboard else None))
+  best_dice = max((row['val/dice_mean'] for row in metrics_log.rows
+                   if row.get('val/dice_mean') is not None), default=None)
+
+  augment_fn = pipeline.device_augmentation(config)
+  train_step = jax.jit(
+      step_lib.make_train_step(model, config, optimizer, augment_fn=augment_fn),
+      donate_argnums=0, out_shardings=(_shardings_for(state, mesh), parallel.replicated_sharding(mesh)))
+  sharding = parallel.batch_sharding(mesh)
+  validator = validate_lib.Validator(config, model, data.split.val, mesh)
+
+  total_steps = config.train.steps
+  pending = None  # (step, device metrics) fetched one step late so the host never stalls the device
+  stopped_early = False
+  bar = tqdm(total=total_steps, initial=start_step, desc=f'train {config.stage}', unit='step',
+             dynamic_ncols=True, disable=jax.process_index() != 0)
+  window_start, window_steps = time.time(), 0
+
+  def flush(pending_metrics):
+    nonlocal window_start, window_steps
+    step, device_metrics = pending_metrics
+    host = {name: float(value) for name, value in jax.device_get(device_metrics).items()}
+    elapsed = time.time() - window_start
+    host['steps_per_s'] = window_steps / elapsed if elapsed > 0 else 0.0
+    window_start, window_steps = time.time(), 0
+    row = metrics_log.write(step, host)
+    bar.set_postfix(reporting.format_progress(row), refresh=False)
+
+  with _StopRequest() as stop:
+    step = start_step
+    while step < total_steps:
+      batch = parallel.to_global_batch(next(iterator), sharding)
+      state, metrics = train_step(state, batch)
+      step += 1
+      window_steps += 1
+      bar.update(1)
+      if pending is not None:
+        flush(pending)
+        pending = None
+      if step % config.train.log_every == 0 or step == total_steps:
+        pending = (step, metrics)
+      bad_in_a_row = int(state.bad_steps) if config.train.max_bad_steps else 0
+      if config.train.max_bad_steps and bad_in_a_row >= config.train.max_bad_steps:
+        if pending is not None:
+          flush(pending)
+          pending = None
+        checkpointer.save(step, state, iterator, force=True)
+        checkpointer.wait()
+        bar.close()
+        raise FloatingPointError(
+            f'{bad_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient; '
+            f'the state of the last good step is saved in {workdir}/checkpoints. Lower '
+            '--config.optim.learning_rate or check the data for NaN voxels.')
+      if config.train.eval_every and (step % config.train.eval_every == 0 or step == total_steps):
+        if pending is not None:
+          flush(pending)
+          pending = None
+        scores = validator.run(state.params)
+        if scores:
+          metrics_log.write(step, {f'val/{k}': v for k, v in scores.items()})
+          dice = scores.get('dice_mean')
+          bar.write(f'step {step}: validation ' + ', '.join(f'{k} {v:.4f}' for k, v in scores.items()))
+          if dice is not None and (best_dice is None or dice > best_dice):
+            best_dice = dice
+            checkpointer.save_best(step, state)
+        if jax.process_index() == 0:
+          reporting.plot_curves(metrics_log.rows, workdir / 'curves.png')
+      if step % config.train.checkpoint_every == 0 or step == total_steps:
+        checkpointer.save(step, state, iterator)
+      if stop.requested or step == stop_at_step:
+        checkpointer.save(step, state, iterator, force=True)
+        stopped_early = True
+        break
+    if pending is not None:
+      flush(pending)
+  bar.close()
+  checkpointer.wait()
+  if jax.process_index() == 0 and metrics_log.rows:
+    reporting.plot_curves(metrics_log.rows, workdir / 'curves.png')
+
+  checkpointer.close()
+  test_summary = None
+  if not stopped_early and config.train.evaluate_test_center and jax.process_index() == 0:
+    test_summary = validate_lib.evaluate_test_center(config, workdir, data.split.test,
+                                                     tag=data.test_tag)
+  metrics_log.close()
+  result = RunResult(workdir=workdir, final_step=step, wall_time_s=time.time() - started,
+                     stopped_early=stopped_early, best_val_dice=best_dice, test_summary=test_summary)
+  _print_summary(result)
+  return result
+
+
+def _print_summary(result: RunResult) -> None:
+  if jax.process_index() != 0:
+    return
+  lines = [f'run finished at step {result.final_step} in {result.wall_time_s / 60:.1f} min'
+           + (' (stopped on request; rerun the same command to resume)' if result.stopped_early else ''),
+           f'  workdir:     {result.workdir}',
+           f'  config:      {result.workdir / "config.json"}',
+           f'  checkpoints: {result.workdir / "checkpoints"} (best: {result.workdir / "best"})',
+           f'  metrics:     {result.workdir / "metrics.jsonl"}',
+           f'  curves:      {result.workdir / "curves.png"}']
+  if result.best_val_dice is not None:
+    lines.append(f'  best validation Dice (mean over structures): {result.best_val_dice:.4f}')
+  if result.test_summary is not None:
+    lines.append(f'  held-out evaluation: {result.test_summary.get("report_dir")}')
+    table = result.test_summary.get('table')
+    if table:
+      lines.append(table)
+  print('\n'.join(lines), flush=True)
+
+
+def main_from_flags(flags) -> RunResult:
+  """What `python -m launch.train` runs: logging, multi-host set-up, preset line, the run."""
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  parallel.maybe_initialize_distributed(flags.coordinator_address, flags.num_processes,
+                                        flags.process_id)
+  config = flags.config
+  config_path = _config_path()
+  why = (f'named in --config={config_path}' if ':' in config_path
+         else presets.resolve(None)[1])
+  log.info('preset %s (%s)', config.preset, why)
+  workdir = flags.workdir or default_workdir(config, config_path)
+  return train_and_evaluate(config, workdir, overwrite=flags.overwrite)
+
+
+def _config_path() -> str:
+  import sys
+  for argument in sys.argv:
+    if argument.startswith('--config='):
+      return argument.split('=', 1)[1]
+  return ''

@@ -1,0 +1,122 @@
+"""The training loop end to end on the tiny preset: files written, exact resume, data parallelism."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from configs import three_center
+from dualseg_jax.errors import ConfigError
+from dualseg_jax.train import loop
+from dualseg_jax.train import reporting
+
+
+@pytest.fixture(scope='module')
+def phantom_root(tmp_path_factory):
+  return tmp_path_factory.mktemp('phantoms')
+
+
+def _config(root, steps, **overrides):
+  config = three_center.get_config('tiny')
+  config.data.root = str(root)
+  config.data.synthetic_cases_per_center = 2
+  config.data.cache_dir = str(pathlib.Path(root) / 'cache')
+  config.data.batch_size = 2
+  config.train.steps = steps
+  config.train.evaluate_test_center = False
+  config.train.eval_every = 0  # validation is exercised by one test only: it dominates the time
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+def _losses(workdir):
+  return {row['step']: row['loss'] for row in reporting.MetricsLog.read(workdir / 'metrics.jsonl')
+          if 'loss' in row}
+
+
+def _params(workdir):
+  from dualseg_jax.train.checkpoint import restore_params
+  params, step = restore_params(workdir, which='latest')
+  return params, step
+
+
+def test_three_steps_write_checkpoints_metrics_and_plot(phantom_root, tmp_path):
+  config = _config(phantom_root, steps=3, **{'train.eval_every': 3, 'train.checkpoint_every': 2})
+  result = loop.train_and_evaluate(config, tmp_path / 'run')
+  workdir = tmp_path / 'run'
+  assert result.final_step == 3 and not result.stopped_early
+  saved = json.loads((workdir / 'config.json').read_text())
+  assert saved['train']['steps'] == 3 and saved['data']['root'] == str(phantom_root)
+  assert sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit()) == [2, 3]
+  rows = reporting.MetricsLog.read(workdir / 'metrics.jsonl')
+  assert [r['step'] for r in rows if 'loss' in r] == [1, 2, 3]
+  assert all(np.isfinite(r['loss']) for r in rows if 'loss' in r)
+  validation = [r for r in rows if 'val/dice_mean' in r]
+  assert len(validation) == 1 and 0.0 <= validation[0]['val/dice_mean'] <= 1.0
+  assert (workdir / 'curves.png').stat().st_size > 1000
+  assert (workdir / 'best').exists()
+
+
+def test_resume_continues_exactly(phantom_root, tmp_path):
+  straight = tmp_path / 'straight'
+  loop.train_and_evaluate(_config(phantom_root, steps=8, **{'train.checkpoint_every': 4}), straight)
+  resumed = tmp_path / 'resumed'
+  interrupted = loop.train_and_evaluate(
+      _config(phantom_root, steps=8, **{'train.checkpoint_every': 4}), resumed, stop_at_step=4)
+  assert interrupted.stopped_early and interrupted.final_step == 4
+  # Rerunning the same command resumes from step 4.
+  result = loop.train_and_evaluate(_config(phantom_root, steps=8, **{'train.checkpoint_every': 4}),
+                                   resumed)
+  assert result.final_step == 8
+  straight_losses, resumed_losses = _losses(straight), _losses(resumed)
+  assert sorted(resumed_losses) == list(range(1, 9))
+  for step in range(1, 9):
+    assert resumed_losses[step] == pytest.approx(straight_losses[step], rel=1e-5, abs=1e-6), step
+  params_a, _ = _params(straight)
+  params_b, _ = _params(resumed)
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_two_devices_match_one(phantom_root, tmp_path):
+  assert jax.device_count() == 2, 'tests/conftest.py sets two fake CPU devices'
+  one = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
+                      devices=jax.devices()[:1])
+  config = _config(phantom_root, steps=3)
+  loop.train_and_evaluate(config, tmp_path / 'one', mesh=one)
+  loop.train_and_evaluate(_config(phantom_root, steps=3), tmp_path / 'two')
+  losses_one, losses_two = _losses(tmp_path / 'one'), _losses(tmp_path / 'two')
+  for step in (1, 2, 3):
+    assert losses_two[step] == pytest.approx(losses_one[step], rel=1e-4, abs=1e-5)
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(phantom_root, tmp_path):
+  config = _config(phantom_root, steps=1, **{'data.batch_size': 3})
+  with pytest.raises(ConfigError, match='data.batch_size=3 must be divisible by the number of devices'):
+    loop.train_and_evaluate(config, tmp_path / 'run')
+
+
+def test_resuming_with_a_different_config_is_refused(phantom_root, tmp_path):
+  loop.train_and_evaluate(_config(phantom_root, steps=1), tmp_path / 'run')
+  changed = _config(phantom_root, steps=2, **{'optim.learning_rate': 0.5})
+  with pytest.raises(ConfigError, match='optim.learning_rate'):
+    loop.train_and_evaluate(changed, tmp_path / 'run')
+  result = loop.train_and_evaluate(changed, tmp_path / 'run', overwrite=True)
+  assert result.final_step == 2
+
+
+@pytest.mark.parametrize('key, value, message', [
+    ('data.patch_size', (16, 30, 32), 'multiple of 8'),
+    ('data.test_center', 'center_x', 'center_x'),
+    ('model.num_classes', 3, 'model.num_classes'),
+    ('loss.transform', 'soft', 'loss.transform'),
+])
+def test_impossible_configs_fail_before_any_work(tmp_path, key, value, message):
+  config = _config(tmp_path / 'never_generated', steps=1, **{key: value})
+  with pytest.raises(ConfigError, match=message):
+    loop.train_and_evaluate(config, tmp_path / 'run')
+  assert not (tmp_path / 'never_generated').exists()

@@ -29,6 +29,8 @@ class StdConv3D(nn.Module):
 
   Padding is symmetric, dilation * (kernel_size - 1) / 2 per side, so a stride-2 conv of an even
   size gives exactly half the size and samples the same voxels as a strided 1x1 conv.
+  `subsample_stride`: compute a strided conv as a stride-1 conv read at every `stride`-th voxel,
+  the same numbers; XLA's CPU backend differentiates that ~10x faster than a strided conv.
   """
 
   features: int
@@ -36,6 +38,7 @@ class StdConv3D(nn.Module):
   stride: int = 1
   dilation: int = 1
   dtype: Any = jnp.float32
+  subsample_stride: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -44,12 +47,18 @@ class StdConv3D(nn.Module):
     kernel = self.param('kernel', nn.initializers.he_normal(), shape, jnp.float32)
     kernel = standardize_kernel(kernel).astype(self.dtype)
     pad = self.dilation * (self.kernel_size - 1) // 2
-    return jax.lax.conv_general_dilated(
-        x.astype(self.dtype), kernel,
-        window_strides=(self.stride,) * 3,
+    x = x.astype(self.dtype)
+    stride = self.stride
+    if stride > 1 and self.kernel_size == 1:
+      x, stride = x[:, ::stride, ::stride, ::stride], 1  # a strided 1x1 conv only reads these voxels
+    subsample = stride > 1 and self.subsample_stride
+    y = jax.lax.conv_general_dilated(
+        x, kernel,
+        window_strides=(1 if subsample else stride,) * 3,
         padding=((pad, pad),) * 3,
         rhs_dilation=(self.dilation,) * 3,
         dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
+    return y[:, ::stride, ::stride, ::stride] if subsample else y
 
 
 def group_norm(num_groups: int, dtype: Any, name: str | None = None) -> nn.GroupNorm:
@@ -69,12 +78,14 @@ class ResidualBlock(nn.Module):
   dilation: int = 1
   num_groups: int = 8
   dtype: Any = jnp.float32
+  subsample_stride: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     residual = x
     y = nn.relu(group_norm(self.num_groups, self.dtype, name='norm1')(x))
-    y = StdConv3D(self.features, 3, self.stride, self.dilation, self.dtype, name='conv1')(y)
+    y = StdConv3D(self.features, 3, self.stride, self.dilation, self.dtype,
+                  self.subsample_stride, name='conv1')(y)
     y = nn.relu(group_norm(self.num_groups, self.dtype, name='norm2')(y))
     y = StdConv3D(self.features, 3, 1, self.dilation, self.dtype, name='conv2')(y)
     if self.stride != 1 or x.shape[-1] != self.features:

@@ -58,6 +58,7 @@ class DualTaskUNet(nn.Module):
   slice_hidden: int = 128
   dtype: Any = jnp.float32
   remat: bool = False
+  subsample_stride: bool = False
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -67,7 +68,8 @@ class DualTaskUNet(nn.Module):
     block_class = nn.remat(ResidualBlock) if self.remat else ResidualBlock
 
     def block(features, stride, dilation, name):
-      return block_class(features, stride, dilation, self.num_groups, self.dtype, name=name)
+      return block_class(features, stride, dilation, self.num_groups, self.dtype,
+                         self.subsample_stride, name=name)
 
     x = StdConv3D(self.widths[0], 3, dtype=self.dtype, name='stem')(images)
     skips = []
@@ -155,7 +157,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> DualTaskUNet:
       slice_head=model_config.slice_head,
       slice_hidden=model_config.slice_hidden,
       dtype=_DTYPES[model_config.dtype],
-      remat=model_config.remat)
+      remat=model_config.remat,
+      subsample_stride=model_config.subsample_stride)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:

@@ -179,3 +179,21 @@ def test_mismatched_widths_name_the_keys(tiny_model_config):
   model_config.fusion_width = 16
   with pytest.raises(ConfigError, match='model.fusion_width'):
     models.build_model(model_config)
+
+
+def test_subsampled_stride_computes_the_same_network():
+  """The CPU presets' stride-1-then-subsample convs give the strided network's numbers."""
+  from dualseg_jax import config_base
+  model_config = config_base.base_config().model
+  model_config.widths, model_config.blocks = (4, 8, 8, 8), (1, 1, 1, 1)
+  model_config.dilated_blocks, model_config.fusion_width = 1, 8
+  model_config.embedding_dim, model_config.decoder_widths, model_config.num_groups = 4, (8, 4, 4), 2
+  images = jax.random.uniform(jax.random.PRNGKey(1), (1, 16, 32, 24, 1))
+  strided = models.build_model(model_config)
+  variables = models.init_variables(strided, jax.random.PRNGKey(0), images.shape)
+  model_config.subsample_stride = True
+  subsampled = models.build_model(model_config)
+  expected = strided.apply(variables, images, train=False)
+  got = subsampled.apply(variables, images, train=False)
+  for name in ('logits', 'sdf', 'embedding'):
+    np.testing.assert_allclose(np.asarray(got[name]), np.asarray(expected[name]), rtol=1e-4, atol=1e-5)

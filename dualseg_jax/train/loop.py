@@ -303,7 +303,9 @@ def _print_summary(result: RunResult) -> None:
 
 def main_from_flags(flags) -> RunResult:
   """What `python -m launch.train` runs: logging, multi-host set-up, preset line, the run."""
-  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain narrate every save at INFO
+  log.setLevel(logging.INFO)
   parallel.maybe_initialize_distributed(flags.coordinator_address, flags.num_processes,
                                         flags.process_id)
   config = flags.config

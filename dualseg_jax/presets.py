@@ -9,7 +9,11 @@ PRESETS = ('paper', 'quick', 'tiny')
 
 
 def resolve(preset: str | None) -> tuple[str, str]:
-  """Returns (preset name, why it was chosen)."""
+  """Returns (preset name, why it was chosen).
+
+  Choosing by backend starts JAX's backend: multi-host runs, which must call
+  jax.distributed.initialize() first, name their preset (FILE:paper).
+  """
   if preset in (None, '', 'auto'):
     import jax  # deferred: choosing a preset is the only reason a config touches jax
     backend = jax.default_backend()

@@ -36,11 +36,17 @@ class Checkpointer:
   def __init__(self, workdir: pathlib.Path, keep: int = 2):
     self.latest = _manager(pathlib.Path(workdir) / 'checkpoints', keep, with_data=True)
     self.best = _manager(pathlib.Path(workdir) / 'best', 1, with_data=False)
+    self.unreadable_steps: set[int] = set()  # found by `restore`; replaced when saved again
 
   def save(self, step: int, state, iterator=None, force: bool = False) -> bool:
     args = {'state': ocp.args.StandardSave(state)}
     if iterator is not None:
       args['data'] = grain.checkpoint.CheckpointSave(iterator)
+    if step in self.unreadable_steps:
+      # Resuming before an unreadable checkpoint comes back to its step: the new save replaces it,
+      # or the run would end with a final checkpoint that cannot be read.
+      self.latest.delete(step)
+      self.unreadable_steps.discard(step)
     if step in self.latest.all_steps():
       return False
     return self.latest.save(step, args=ocp.args.Composite(**args), force=force)
@@ -69,8 +75,9 @@ class Checkpointer:
       try:
         restored = self.latest.restore(step, args=ocp.args.Composite(**args))
       except Exception as error:  # a partial or corrupted save: fall back to the previous one
-        log.warning('checkpoint at step %d cannot be restored (%s: %s); trying an older one',
-                    step, type(error).__name__, error)
+        log.warning('checkpoint at step %d in %s cannot be restored (%s: %s); trying an older one',
+                    step, self.latest.directory, type(error).__name__, _first_line(error))
+        self.unreadable_steps.add(step)
         continue
       return restored['state'], step
     return None
@@ -83,6 +90,12 @@ class Checkpointer:
     self.wait()
     self.latest.close()
     self.best.close()
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+  """TensorStore errors carry a page-long spec: the first line says what is wrong."""
+  text = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+  return text if len(text) <= limit else text[:limit] + '...'
 
 
 def restore_params(workdir: pathlib.Path, which: str = 'best') -> tuple[Any, int]:
@@ -102,7 +115,8 @@ def restore_params(workdir: pathlib.Path, which: str = 'best') -> tuple[Any, int
       try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
       except Exception as error:
-        log.warning('checkpoint %s/%d cannot be restored (%s); trying an older one', folder, step, error)
+        log.warning('checkpoint %s/%d cannot be restored (%s); trying an older one', folder, step,
+                    _first_line(error))
         continue
       return restored['state']['params'], step
   from dualseg_jax.errors import DataError

@@ -189,7 +189,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     log.info('resumed from the checkpoint at step %d', start_step)
   metrics_log = reporting.MetricsLog(workdir / 'metrics.jsonl', resume_step=start_step,
                                      tensorboard_dir=(workdir / 'tensorboard'
-                                                      if config.train.tensorboard else None))
+                                                      if config.train.tensorboard else None),
+                                     write=jax.process_index() == 0)
   best_dice = max((row['val/dice_mean'] for row in metrics_log.rows
                    if row.get('val/dice_mean') is not None), default=None)
 
@@ -256,9 +257,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
             checkpointer.save_best(step, state)
         if jax.process_index() == 0:
           reporting.plot_curves(metrics_log.rows, workdir / 'curves.png')
+      stopping = stop.requested or step == stop_at_step
+      if pending is not None and (stopping or step % config.train.checkpoint_every == 0
+                                  or step == total_steps):
+        # The step's metrics row goes out before its checkpoint: a kill between the two must not
+        # leave a checkpoint that resumes past a row metrics.jsonl never got.
+        flush(pending)
+        pending = None
       if step % config.train.checkpoint_every == 0 or step == total_steps:
         checkpointer.save(step, state, iterator)
-      if stop.requested or step == stop_at_step:
+      if stopping:
         checkpointer.save(step, state, iterator, force=True)
         stopped_early = True
         break

@@ -25,8 +25,9 @@ def maybe_initialize_distributed(coordinator_address: str = '', num_processes: i
     if num_processes < 1 or process_id < 0:
       raise ConfigError(
           '--coordinator_address needs --num_processes (>= 1) and --process_id (0..num_processes-1)')
-    if jax.default_backend() == 'cpu':
-      jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    # Only CPU clients read this (GPUs use NCCL); asking for the backend here would start it
+    # before initialize(), which must come first.
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     jax.distributed.initialize(coordinator_address=coordinator_address,
                                num_processes=num_processes, process_id=process_id)
   else:

@@ -20,16 +20,23 @@ def _scalar(value) -> float:
 class MetricsLog:
   """Appends one JSON object per logged step; on resume, drops rows past the restored step."""
 
-  def __init__(self, path: pathlib.Path, resume_step: int = 0, tensorboard_dir: pathlib.Path | None = None):
+  def __init__(self, path: pathlib.Path, resume_step: int = 0,
+               tensorboard_dir: pathlib.Path | None = None, write: bool = True):
+    """`write=False` (every process but the first of a multi-host run) keeps rows in memory only."""
     self.path = pathlib.Path(path)
+    self._write_files = write
     rows = self.read(self.path)
     kept = [row for row in rows if row.get('step', 0) <= resume_step] if resume_step else []
-    with self.path.open('w') as file:
-      for row in kept:
-        file.write(json.dumps(row) + '\n')
+    if write:
+      # Rewritten beside and renamed: a kill while rewriting must not lose the rows it keeps.
+      temporary = self.path.with_name(self.path.name + '.tmp')
+      with temporary.open('w') as file:
+        for row in kept:
+          file.write(json.dumps(row) + '\n')
+      temporary.replace(self.path)
     self.rows = kept
     self._writer = None
-    if tensorboard_dir is not None:
+    if tensorboard_dir is not None and write:
       try:
         from tensorboardX import SummaryWriter
       except ImportError as error:
@@ -54,8 +61,9 @@ class MetricsLog:
     row = {'step': int(step)}
     row.update({name: _scalar(value) for name, value in metrics.items()})
     clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
-    with self.path.open('a') as file:
-      file.write(json.dumps(clean) + '\n')
+    if self._write_files:
+      with self.path.open('a') as file:
+        file.write(json.dumps(clean) + '\n')
     self.rows.append(row)
     if self._writer is not None:
       for name, value in row.items():

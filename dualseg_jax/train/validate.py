@@ -8,6 +8,7 @@ import os
 import pathlib
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -60,6 +61,9 @@ class Validator:
   def run(self, params) -> dict[str, float]:
     if not self.cases:
       return {}
+    # The replicated parameters' local copy: prediction is a purely local computation, so every
+    # process of a multi-host run can validate on its own.
+    params = jax.tree.map(lambda array: array.addressable_data(0), params)
     if self._predictor is None:
       self._predictor = predictor_lib.Predictor(self.config, params)
     predictor = self._predictor.with_params(params)

@@ -132,4 +132,11 @@ def base_config() -> ml_collections.ConfigDict:
 
   evaluation = config.evaluation = ml_collections.ConfigDict()
   evaluation.nsd_tolerance_mm = 2.0
+
+  experiments = config.experiments = ml_collections.ConfigDict()
+  # Cascade (launch.cascade): margins in voxels (z, y, x) of the canonical input grid around the
+  # pancreas found by the previous stage; the fine stages predict only inside that box.
+  experiments.cascade_pancreas_margin_vox = (4, 12, 12)
+  experiments.cascade_tumour_margin_vox = (2, 6, 6)
+  experiments.cascade_fine_patch_size = ()  # (D, H, W) of the fine stages; () keeps data.patch_size
   return config

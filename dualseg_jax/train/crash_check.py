@@ -33,15 +33,16 @@ class Kill:
   seconds_after_start: float
   newest_complete_step: int | None  # the newest finalized checkpoint left behind
   writing_steps: list[int]  # steps whose temporary (unfinished) checkpoint folder was left behind
+  phase: str = ''  # how far the killed life had got, read from its log
   resumed_from: int | None = None  # step the next life resumed from (0: scratch; None: not seen)
 
   @property
   def moment(self) -> str:
     if self.writing_steps:
-      return f'during the checkpoint write of step {max(self.writing_steps)}'
+      return f'{self.phase}, during the checkpoint write of step {max(self.writing_steps)}'
     if self.newest_complete_step is None:
-      return 'before the first checkpoint'
-    return f'after the checkpoint of step {self.newest_complete_step}'
+      return f'{self.phase}, before the first checkpoint'
+    return f'{self.phase}, after the checkpoint of step {self.newest_complete_step}'
 
 
 @dataclasses.dataclass
@@ -58,6 +59,17 @@ class CrashReport:
                    f'{kill.moment}; {_resume_text(kill.resumed_from)}')
     lines.extend(f'  MISMATCH: {text}' for text in self.mismatches)
     return '\n'.join(lines)
+
+
+def _phase(output: str) -> str:
+  """The last stage a life's log shows: start-up, data preparation, restore and compilation, or training."""
+  if _TRAINING_STARTED.search(output):
+    return 'training'
+  if _RESUMED.search(output) or 'train: ' in output:
+    return 'restoring and compiling' if _RESUMED.search(output) else 'preparing data or compiling'
+  if 'preset ' in output:
+    return 'generating or preprocessing data'
+  return 'python start-up'
 
 
 def _resume_text(resumed_from: int | None) -> str:
@@ -124,10 +136,11 @@ def run_to_completion(command: list[str], environment: dict[str, str], log_path:
 
 def _kill_group(process: subprocess.Popen) -> None:
   # The run was started in its own session: its group holds it and any loader workers it spawned.
-  try:
-    os.killpg(process.pid, signal.SIGKILL)
-  except ProcessLookupError:
-    pass
+  if process.poll() is None:  # once reaped, its id may belong to someone else
+    try:
+      os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
   process.wait()
 
 
@@ -138,7 +151,7 @@ def _wait_for_kill_moment(process: subprocess.Popen, workdir: pathlib.Path, plan
   finalized, _ = checkpoint_folders(workdir)
   newest = max(finalized, default=0)
   if plan == 'startup':
-    delay = rng.uniform(0.5, 4.0)  # imports, data preparation, restore, compilation
+    delay = rng.uniform(0.5, 6.0)  # imports, data preparation, restore, compilation
     while time.monotonic() - started < delay:
       if process.poll() is not None:
         return False
@@ -177,22 +190,26 @@ def kill_and_resume(workdir: pathlib.Path, command: list[str], environment: dict
       started = time.monotonic()
       try:
         reached = _wait_for_kill_moment(process, workdir, plan, rng, poll_s, timeout_s)
+        killed_after_s = time.monotonic() - started
       finally:
         _kill_group(process)
-    problems += _check_resume(log_path.read_text(), expected_resume, done[-1] if done else None)
-    if not reached:  # the run finished (or failed) before the kill: nothing more to kill
+    output = log_path.read_text()
+    problems += _check_resume(output, expected_resume, done[-1] if done else None)
+    if not reached:  # the run ended before its kill: nothing more to kill
       if process.returncode != 0:
         problems.append(f'life {life} exited with {process.returncode} before its kill; see {log_path}')
-      return done, problems
+      break
     finalized, temporary = checkpoint_folders(workdir)
-    kill = Kill(plan=plan, seconds_after_start=time.monotonic() - started,
+    kill = Kill(plan=plan, seconds_after_start=killed_after_s,
                 newest_complete_step=max(finalized, default=None),
-                writing_steps=[step for step in temporary if step not in finalized])
+                writing_steps=[step for step in temporary if step not in finalized],
+                phase=_phase(output))
     done.append(kill)
     expected_resume = kill.newest_complete_step
-  log_path = log_dir / f'life_{len(plans):02d}.log'
-  output = run_to_completion(command, environment, log_path, timeout_s)
-  problems += _check_resume(output, expected_resume, done[-1] if done else None)
+  else:
+    log_path = log_dir / f'life_{len(plans):02d}.log'
+    output = run_to_completion(command, environment, log_path, timeout_s)
+    problems += _check_resume(output, expected_resume, done[-1] if done else None)
   finalized, temporary = checkpoint_folders(workdir)
   if temporary:
     problems.append(f'temporary checkpoint folders of steps {temporary} were left after the last run')

@@ -1,13 +1,17 @@
 """The training loop end to end on the tiny preset: files written, exact resume, data parallelism."""
 
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
 from configs import three_center
+from tests.conftest import PROJECT_ROOT
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.train import loop
 from dualseg_jax.train import reporting
@@ -92,6 +96,16 @@ def test_two_devices_match_one(phantom_root, tmp_path):
   losses_one, losses_two = _losses(tmp_path / 'one'), _losses(tmp_path / 'two')
   for step in (1, 2, 3):
     assert losses_two[step] == pytest.approx(losses_one[step], rel=1e-4, abs=1e-5)
+  # A process with one device reads the checkpoint two devices wrote (predicting after training).
+  script = ('import jax, sys; from dualseg_jax.train.checkpoint import restore_params; '
+            'params, step = restore_params(sys.argv[1], "latest"); '
+            'print(jax.device_count(), step, len(jax.tree.leaves(params)))')
+  environment = {key: value for key, value in os.environ.items() if key != 'XLA_FLAGS'}
+  output = subprocess.run([sys.executable, '-c', script, str(tmp_path / 'two')], env=environment,
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+  assert output.returncode == 0, output.stderr[-2000:]
+  devices, step, num_leaves = output.stdout.split()[-3:]
+  assert (devices, step) == ('1', '3') and int(num_leaves) > 10
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(phantom_root, tmp_path):

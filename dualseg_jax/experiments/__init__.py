@@ -1,0 +1,1 @@
+"""The paper's experiments as commands: ablations, the evaluation protocol, and their tables."""

@@ -1,0 +1,213 @@
+"""The coarse-to-fine cascade: pancreas coarse -> pancreas fine in its region of interest ->
+tumour coarse -> tumour fine inside the pancreas region; training the four stages in order and
+predicting and evaluating held-out cases with them."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+from typing import Any, Callable, Protocol, Sequence
+
+import ml_collections
+import numpy as np
+
+from dualseg_jax.data.volume import Volume
+from dualseg_jax.errors import ConfigError
+from dualseg_jax.experiments import runs
+
+log = logging.getLogger('dualseg_jax')
+
+CASCADE_STAGES = ('pancreas_coarse', 'pancreas_fine', 'tumour_coarse', 'tumour_fine')
+PANCREAS, TUMOUR = 1, 2
+
+
+class StagePredictor(Protocol):
+  def predict_volume(self, volume: Volume, tta_flips: int | None = None, progress=None,
+                     pancreas_mask: np.ndarray | None = None) -> dict[str, np.ndarray]: ...
+
+
+@dataclasses.dataclass
+class CascadeOutput:
+  label: np.ndarray  # uint8 (D, H, W) 0/1/2 on the input's canonical grid
+  notes: list[str]  # what the cascade could not do for this case (e.g. no pancreas found)
+  boxes: dict[str, tuple[slice, slice, slice] | None]  # region each fine stage predicted in
+
+
+def region_of_interest(mask: np.ndarray, margin_vox: Sequence[int]
+                       ) -> tuple[slice, slice, slice] | None:
+  """The bounding box of `mask` grown by `margin_vox` per axis, clipped to the array; None when
+  the mask is empty."""
+  if not mask.any():
+    return None
+  box = []
+  for axis, margin in enumerate(margin_vox):
+    other_axes = tuple(a for a in range(mask.ndim) if a != axis)
+    present = np.flatnonzero(mask.any(axis=other_axes))
+    box.append(slice(max(0, int(present[0]) - int(margin)),
+                     min(mask.shape[axis], int(present[-1]) + 1 + int(margin))))
+  return tuple(box)
+
+
+def union_box(first, second):
+  if first is None or second is None:
+    return first or second
+  return tuple(slice(min(a.start, b.start), max(a.stop, b.stop)) for a, b in zip(first, second))
+
+
+def crop(volume: Volume, box: tuple[slice, slice, slice]) -> Volume:
+  """The box of a volume as a volume of its own (same spacing; geometry stays the source's: the
+  crop is only predicted, never written)."""
+  return dataclasses.replace(volume, array=np.ascontiguousarray(volume.array[box]))
+
+
+def _in_box(volume: Volume, predictor: StagePredictor, box, structure: int, tta_flips,
+            pancreas_mask: np.ndarray | None = None) -> np.ndarray:
+  """Boolean mask on the whole grid of `structure` predicted inside `box` only."""
+  cropped_pancreas = None if pancreas_mask is None else pancreas_mask[box]
+  label = predictor.predict_volume(crop(volume, box), tta_flips=tta_flips,
+                                   pancreas_mask=cropped_pancreas)['label']
+  full = np.zeros(volume.array.shape, dtype=bool)
+  full[box] = label == structure
+  return full
+
+
+def cascade_predict(volume: Volume, predictors: dict[str, StagePredictor],
+                    pancreas_margin_vox: Sequence[int], tumour_margin_vox: Sequence[int],
+                    tta_flips: int | None = None) -> CascadeOutput:
+  """Runs the four stages on one canonical volume. An empty pancreas at any stage gives an empty
+  pancreas and tumour and a note, never an error."""
+  missing = [stage for stage in CASCADE_STAGES if stage not in predictors]
+  if missing:
+    raise ConfigError(f'the cascade needs a run for every stage; missing {missing}')
+  notes, boxes = [], {'pancreas_fine': None, 'tumour_fine': None}
+  empty = np.zeros(volume.array.shape, dtype=np.uint8)
+
+  coarse = predictors['pancreas_coarse'].predict_volume(volume, tta_flips=tta_flips)['label'] >= PANCREAS
+  pancreas_box = region_of_interest(coarse, pancreas_margin_vox)
+  if pancreas_box is None:
+    notes.append('pancreas_coarse found no pancreas: pancreas and tumour are left empty')
+    return CascadeOutput(empty, notes, boxes)
+  boxes['pancreas_fine'] = pancreas_box
+  pancreas = _in_box(volume, predictors['pancreas_fine'], pancreas_box, PANCREAS, tta_flips)
+  if not pancreas.any():
+    notes.append(f'pancreas_fine found no pancreas in the region {_describe(pancreas_box)} of '
+                 'pancreas_coarse: pancreas and tumour are left empty')
+    return CascadeOutput(empty, notes, boxes)
+
+  tumour_coarse = predictors['tumour_coarse'].predict_volume(
+      volume, tta_flips=tta_flips, pancreas_mask=pancreas)['label'] == TUMOUR
+  # The fine tumour stage looks at the pancreas region, grown to hold what the coarse stage found.
+  tumour_box = union_box(region_of_interest(pancreas, tumour_margin_vox),
+                         region_of_interest(tumour_coarse, tumour_margin_vox))
+  boxes['tumour_fine'] = tumour_box
+  tumour = _in_box(volume, predictors['tumour_fine'], tumour_box, TUMOUR, tta_flips,
+                   pancreas_mask=pancreas)
+  if not tumour_coarse.any() and not tumour.any():
+    notes.append('no tumour found (coarse and fine)')
+  label = np.zeros(volume.array.shape, dtype=np.uint8)
+  label[pancreas] = PANCREAS
+  label[tumour] = TUMOUR
+  return CascadeOutput(label, notes, boxes)
+
+
+def _describe(box) -> str:
+  return '[' + ', '.join(f'{s.start}:{s.stop}' for s in box) + ']'
+
+
+def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
+  """The config of one cascade stage: one output channel, the fine patch size for fine stages,
+  the slice-classification head and SDF consistency for the fine tumour stage."""
+  if stage not in CASCADE_STAGES:
+    raise ConfigError(f'stage {stage!r} is not a cascade stage {CASCADE_STAGES}')
+  overrides: dict[str, Any] = {'stage': stage, 'model.num_classes': 1}
+  fine_patch = tuple(config.experiments.cascade_fine_patch_size)
+  if stage.endswith('_fine'):
+    if fine_patch:
+      overrides['data.patch_size'] = fine_patch
+    overrides['loss.consistency_on_sdf'] = True
+  if stage == 'tumour_fine':
+    overrides['model.slice_head'] = True
+    overrides['loss.weights.slice_bce'] = 1.0
+  return runs.with_overrides(config, overrides)
+
+
+def train_stages(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+                 train_fn: Callable | None = None) -> dict[str, pathlib.Path]:
+  """Trains the four stages in order in workdir/<stage> (finished ones are not redone); the
+  stages skip their own held-out evaluation, which only the whole cascade is given."""
+  specs = []
+  for stage in CASCADE_STAGES:
+    stage_overrides = {k: v for k, v in _flat_differences(config, stage_config(config, stage)).items()}
+    stage_overrides['train.evaluate_test_center'] = False
+    specs.append(runs.RunSpec(name=stage, overrides=stage_overrides))
+  return runs.run_all(config, workdir, specs, train_fn=train_fn)
+
+
+def _flat_differences(base: ml_collections.ConfigDict, other: ml_collections.ConfigDict) -> dict:
+  def flatten(tree, prefix=''):
+    flat = {}
+    for key, value in tree.items():
+      if isinstance(value, dict):
+        flat.update(flatten(value, f'{prefix}{key}.'))
+      else:
+        flat[f'{prefix}{key}'] = value
+    return flat
+  base_flat, other_flat = flatten(base.to_dict()), flatten(other.to_dict())
+  return {key: value for key, value in other_flat.items() if base_flat.get(key) != value}
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+             stage_dirs: dict[str, pathlib.Path]) -> dict | None:
+  """Predicts the held-out cases with the cascade and scores them: workdir/evaluation/ holds
+  predictions/ (input geometry), ground_truth/ and images/ (links), notes.json, summary.json."""
+  from dualseg_jax.data import io
+  from dualseg_jax.data import pipeline
+  from dualseg_jax.data import registry
+  from dualseg_jax.evaluation import report
+  from dualseg_jax.inference import predictor as predictor_lib
+  workdir = pathlib.Path(workdir)
+  evaluation_config = stage_config(config, 'tumour_fine')
+  with evaluation_config.unlocked():
+    pipeline.resolve_data_root(evaluation_config)
+  split = registry.split_cases(evaluation_config.data, registry.list_cases(evaluation_config.data),
+                               seed=evaluation_config.seed)
+  cases = [case for case in split.test if case.label_path]
+  if not cases:
+    log.warning('no labelled test cases for the cascade to evaluate')
+    return None
+  predictors = {stage: predictor_lib.load_predictor(stage_dirs[stage]) for stage in CASCADE_STAGES}
+  out_dir = workdir / 'evaluation'
+  (out_dir / 'predictions').mkdir(parents=True, exist_ok=True)
+  notes = {}
+  for case in cases:
+    volume = io.read_volume(case.image_path)
+    output = cascade_predict(volume, predictors,
+                             config.experiments.cascade_pancreas_margin_vox,
+                             config.experiments.cascade_tumour_margin_vox)
+    io.write_nifti(output.label, volume.geometry, out_dir / 'predictions' / f'{case.case_id}.nii.gz',
+                   dtype=np.uint8)
+    notes[case.case_id] = output.notes
+    for note in output.notes:
+      log.warning('%s: %s', case.case_id, note)
+  runs.write_json(out_dir / 'notes.json', notes)
+  for case in cases:
+    _link(case.label_path, out_dir / 'ground_truth', case.case_id)
+    _link(case.image_path, out_dir / 'images', case.case_id)
+  summary = report.evaluate_folder(
+      out_dir / 'predictions', out_dir / 'ground_truth', out_dir,
+      centers={case.case_id: case.center for case in cases}, images_dir=out_dir / 'images',
+      nsd_tolerance_mm=config.evaluation.nsd_tolerance_mm, gt_label_map=config.data.label_map or None)
+  summary['notes'] = notes
+  return summary
+
+
+def _link(source: str, folder: pathlib.Path, case_id: str) -> None:
+  """folder/<case_id><suffix of source> -> source, so the evaluation matches files by case name."""
+  from dualseg_jax.evaluation import report
+  folder.mkdir(parents=True, exist_ok=True)
+  name = pathlib.Path(source).name
+  link = folder / (case_id + name[len(report.case_name(name)):])
+  if link.is_symlink() or link.exists():
+    link.unlink()
+  link.symlink_to(pathlib.Path(source).absolute())

@@ -1,0 +1,44 @@
+"""Trains the four cascade stages in order, then predicts and scores the held-out cases with the
+whole cascade: `python -m launch.cascade --config=configs/three_center.py[:preset] [--workdir=DIR]`.
+
+Stages train in DIR/<stage> (rerunning resumes and skips finished stages); the cascade's
+evaluation lands in DIR/evaluation/ (predictions/, notes.json, summary.json, summary.md).
+"""
+
+import logging
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'Experiment config file (FILE[:preset]).',
+                                lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', '', 'Experiment folder (default: runs/cascade-<config>-<preset>).')
+flags.mark_flags_as_required(['config'])
+
+
+def main(argv):
+  del argv
+  from dualseg_jax.errors import ConfigError, DataError
+  from dualseg_jax.experiments import runs
+  from dualseg_jax.experiments import cascade  # deferred so --help answers without importing jax
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  config = flags.FLAGS.config
+  stem = next((pathlib.Path(a.split('=', 1)[1].split(':')[0]).stem for a in sys.argv
+               if a.startswith('--config=')), 'config')
+  workdir = pathlib.Path(_WORKDIR.value or pathlib.Path('runs') / f'cascade-{stem}-{config.preset}')
+  try:
+    stage_dirs = cascade.train_stages(config, workdir)
+    summary = cascade.evaluate(config, workdir, stage_dirs)
+  except (ConfigError, DataError) as error:
+    sys.exit(f'error: {error}')
+  except runs.ExperimentInterrupted as error:
+    sys.exit(str(error))
+  if summary is not None:
+    print((workdir / 'evaluation' / 'summary.md').read_text(), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

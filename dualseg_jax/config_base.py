@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   data.patch_size = (80, 224, 224)  # (D, H, W), multiples of 8
   data.batch_size = 1  # global, in volumes (each gives two views)
   data.foreground_fraction = 0.67  # tumour stages: share of patches centred on tumour
+  data.joint_tumour_fraction = 0.33  # joint stage: share of patches centred on tumour
+  # Share of patches placed anywhere in the case (not the fine stages, which only ever see their
+  # ROI): whole-volume inference meets tissue far from the pancreas, so training must too.
+  data.random_patch_fraction = 0.25
   data.crop_margin_xy = (0, 30)  # random ROI margin in voxels, in-plane
   data.crop_margin_z_fraction = (0.01, 0.1)  # random ROI margin as a fraction of the slices
   data.num_positions = 64  # contrastive positions sampled per sample and kind

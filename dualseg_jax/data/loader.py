@@ -118,6 +118,8 @@ class PatchSettings:
   crop_margin_xy: tuple[int, int]
   crop_margin_z_fraction: tuple[float, float]
   foreground_fraction: float
+  joint_tumour_fraction: float
+  random_patch_fraction: float
   num_positions: int
   slice_min_voxels: int
   ring_side_vox: tuple[int, int]
@@ -135,6 +137,8 @@ class PatchSettings:
                crop_margin_xy=tuple(int(v) for v in data.crop_margin_xy),
                crop_margin_z_fraction=tuple(float(v) for v in data.crop_margin_z_fraction),
                foreground_fraction=float(data.foreground_fraction),
+               joint_tumour_fraction=float(data.joint_tumour_fraction),
+               random_patch_fraction=float(data.random_patch_fraction),
                num_positions=int(data.num_positions),
                slice_min_voxels=int(config.loss.slice_min_voxels),
                ring_side_vox=tuple(int(v) for v in data.ring_side_vox))
@@ -190,8 +194,17 @@ def _patch_start(case: CachedCase, settings: PatchSettings, rng: np.random.Gener
   otherwise; tumour stages centre a share of patches on a random tumour voxel."""
   size = np.asarray(settings.patch_size, np.int64)
   roi_low, roi_high = _roi(case, settings, rng)
-  wants_tumour = rng.uniform() < settings.foreground_fraction
-  if settings.stage.startswith('tumour_') and case.tumour_box is not None and wants_tumour:
+  placement = rng.uniform()
+  if not settings.stage.endswith('_fine') and placement < settings.random_patch_fraction:
+    # Anywhere in the (body-cropped) case: whole-volume inference meets what lies far from the
+    # pancreas, so training must too.
+    shape = np.asarray(case.shape, np.int64)
+    return np.array([rng.integers(0, max(n - p, 0) + 1) if n >= p else (n - p) // 2
+                     for n, p in zip(shape, size)], np.int64)
+  tumour_share = (settings.foreground_fraction if settings.stage.startswith('tumour_')
+                  else settings.joint_tumour_fraction if settings.stage == 'joint' else 0.0)
+  wants_tumour = rng.uniform() < tumour_share
+  if case.tumour_box is not None and wants_tumour:
     box_low, box_high = (np.asarray(corner, np.int64) for corner in case.tumour_box)
     window = tuple(slice(lo, hi) for lo, hi in zip(box_low, box_high))
     tumour_voxels = np.argwhere(np.asarray(label[window]) == 2)

@@ -973,7 +973,14 @@ def _write_nifti(path: pathlib.Path, array: np.ndarray, geometry: volume_lib.Geo
   image = volume_lib.to_nifti(array, geometry)
   image.header.set_xyzt_units('mm', 'sec')
   # gzip with a fixed mtime and no file name, so the same seed gives the same bytes.
-  path.write_bytes(gzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
+  _write_atomically(path, gzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
+
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+  """A killed run leaves either the old file or the new one, never half of one."""
+  partial = path.with_name(path.name + '.partial')
+  partial.write_bytes(data)
+  os.replace(partial, path)
 
 
 def _dataset_json(protocol: CenterProtocol, case_ids: list[str]) -> dict:
@@ -1012,6 +1019,10 @@ def write_dataset(out_dir, cases_per_center: int, seed: int,
     raise ConfigError(f'cases_per_center is {cases_per_center}; it must be at least 1')
   out_dir = pathlib.Path(out_dir)
   previous = _read_parameters(out_dir)
+  # Until the new set is complete, nothing may claim that the folder holds a finished set.
+  (out_dir / PARAMETERS_FILE).unlink(missing_ok=True)
+  for center in centers:
+    (out_dir / center / 'dataset.json').unlink(missing_ok=True)
   summary, written, preview_cases = {}, [], {}
   for center in centers:
     protocol = CENTER_PROTOCOLS[center]
@@ -1032,15 +1043,15 @@ def write_dataset(out_dir, cases_per_center: int, seed: int,
         preview_cases[center] = case
       cases.append(case)
       case_ids.append(case_id)
-    (center_dir / 'dataset.json').write_text(
-        json.dumps(_dataset_json(protocol, case_ids), indent=2) + '\n')
+    _write_atomically(center_dir / 'dataset.json',
+                      (json.dumps(_dataset_json(protocol, case_ids), indent=2) + '\n').encode())
     summary[center] = measure_center(cases, protocol)
     summary[center]['seconds_per_case'] = seconds / cases_per_center
   _remove_stale_files(out_dir, previous, written)
   parameters = dict(generator_version=GENERATOR_VERSION, seed=int(seed),
                     cases_per_center=int(cases_per_center), centers=list(centers),
                     files=written)
-  (out_dir / PARAMETERS_FILE).write_text(json.dumps(parameters, indent=2) + '\n')
+  _write_atomically(out_dir / PARAMETERS_FILE, (json.dumps(parameters, indent=2) + '\n').encode())
   if preview_path:
     write_preview(preview_path, preview_cases)
   return summary

@@ -96,9 +96,7 @@ class Checkpointer:
     return self.latest.save(step, args=ocp.args.Composite(**args), force=force)
 
   def save_best(self, step: int, state) -> None:
-    for old in self.best.all_steps():
-      if old != step:
-        self.best.delete(old)
+    # max_to_keep=1: the manager drops the previous best only once the new one is complete.
     if step not in self.best.all_steps():
       self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                    checksums=ocp.args.JsonSave(state_checksums(state))),

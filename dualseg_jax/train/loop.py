@@ -280,8 +280,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   checkpointer.close()
   test_summary = None
   if not stopped_early and config.train.evaluate_test_center and jax.process_index() == 0:
-    test_summary = validate_lib.evaluate_test_center(config, workdir, data.split.test,
-                                                     tag=data.test_tag)
+    report_dir = workdir / 'evaluation' / data.test_tag
+    if start_step == total_steps and (report_dir / 'summary.json').exists():
+      # A finished run asked again: its report stands (rerunning never repeats finished work).
+      test_summary = json.loads((report_dir / 'summary.json').read_text())
+      test_summary.update(report_dir=str(report_dir), table=(report_dir / 'summary.md').read_text())
+    else:
+      test_summary = validate_lib.evaluate_test_center(config, workdir, data.split.test,
+                                                       tag=data.test_tag)
   metrics_log.close()
   result = RunResult(workdir=workdir, final_step=step, wall_time_s=time.time() - started,
                      stopped_early=stopped_early, best_val_dice=best_dice, test_summary=test_summary)

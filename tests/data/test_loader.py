@@ -116,7 +116,7 @@ def test_batches_follow_the_contract_and_the_cache(setup):
 
 def test_patch_lies_in_the_pancreas_roi_and_tumour_stages_centre_on_tumour(setup):
   config, cache, split = setup
-  config = _config(setup, foreground_fraction=1.0)
+  config = _config(setup, foreground_fraction=1.0, random_patch_fraction=0.0)
   config.stage = 'tumour_fine'
   settings = loader.PatchSettings.from_config(config)
   cases = loader.cached_cases(cache, split.train, config.stage, config.data.centers)
@@ -141,6 +141,28 @@ def test_patch_lies_in_the_pancreas_roi_and_tumour_stages_centre_on_tumour(setup
           assert roi_low[axis] <= start[axis] and end[axis] <= roi_high[axis]
         else:  # a patch larger than the ROI covers all of the pancreas along that axis
           assert start[axis] <= low[axis] and high[axis] <= end[axis]
+
+
+def test_random_and_joint_tumour_patches(setup):
+  config, cache, split = setup
+  cases = [case for case in loader.cached_cases(cache, split.train, 'joint', config.data.centers)
+           if case.tumour_box is not None]
+  assert cases, 'the tiny phantom set has tumours'
+  anywhere = _config(setup, random_patch_fraction=1.0)
+  settings = loader.PatchSettings.from_config(anywhere)
+  rng = np.random.default_rng(1)
+  starts = np.array([loader.sample_patch(cases[0], settings, rng)['patch_start'] for _ in range(40)])
+  shape, size = np.array(cases[0].shape), np.array(settings.patch_size)
+  for axis in range(3):
+    if shape[axis] >= size[axis]:
+      assert starts[:, axis].min() >= 0 and (starts[:, axis] + size[axis]).max() <= shape[axis]
+      assert len(np.unique(starts[:, axis])) > 5  # spread over the case, not around the pancreas
+  tumour = _config(setup, random_patch_fraction=0.0, joint_tumour_fraction=1.0)
+  settings = loader.PatchSettings.from_config(tumour)
+  for case in cases:
+    example = loader.sample_patch(case, settings, rng)
+    assert example['label'][8, 16, 16] == 2  # joint patches centred on tumour
+    assert example['mask'].shape == (16, 32, 32, 2)
 
 
 def test_same_seed_same_batches_with_zero_and_two_workers(setup):

@@ -18,6 +18,7 @@ _CENTERS = flags.DEFINE_string('centers', None, 'JSON/CSV manifest mapping case 
 _IMAGES = flags.DEFINE_string('images', None, 'Folder of the CT volumes (same names) for overlays.')
 _NSD_TOLERANCE = flags.DEFINE_float('nsd_tolerance_mm', 2.0, 'Normalised surface Dice tolerance.')
 _GT_LABEL_MAP = flags.DEFINE_string('gt_label_map', None, "Map reference labels, e.g. '7:1'.")
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a report already in --out.')
 flags.mark_flags_as_required(['pred', 'gt', 'out'])
 
 
@@ -27,7 +28,8 @@ def main(argv):
   try:
     summary = report.evaluate_folder(
         _PRED.value, _GT.value, _OUT.value, centers=_CENTERS.value, images_dir=_IMAGES.value,
-        nsd_tolerance_mm=_NSD_TOLERANCE.value, gt_label_map=_GT_LABEL_MAP.value)
+        nsd_tolerance_mm=_NSD_TOLERANCE.value, gt_label_map=_GT_LABEL_MAP.value,
+        overwrite=_OVERWRITE.value)
   except (DataError, ConfigError) as error:
     sys.exit(f'error: {error}')
   print(report.markdown_table(summary))

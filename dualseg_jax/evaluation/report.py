@@ -27,6 +27,9 @@ HD95_CONVENTION = ('max of the two directed 95th percentiles of surface-voxel di
                    '(linear interpolation); infinite when one mask is empty')
 
 
+REPORT_FILES = ('per_case.csv', 'summary.json', 'summary.md', 'evaluation.png')
+
+
 def case_name(path: str | pathlib.Path) -> str:
   """File name without its volume suffix: `case_001.nii.gz` -> `case_001`."""
   name = pathlib.Path(path).name
@@ -89,7 +92,7 @@ def _read_label(path: pathlib.Path, label_map) -> Any:
 def evaluate_folder(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path,
                     out_dir: str | pathlib.Path, centers: str | pathlib.Path | dict | None = None,
                     images_dir: str | pathlib.Path | None = None, nsd_tolerance_mm: float = 2.0,
-                    gt_label_map: str | None = None) -> dict:
+                    gt_label_map: str | None = None, overwrite: bool = True) -> dict:
   """Scores every reference case in `gt_dir` against the same-named file in `pred_dir`.
 
   Writes out_dir/per_case.csv (one row per case and structure), summary.json, summary.md and
@@ -98,6 +101,11 @@ def evaluate_folder(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path,
   path or a {case: center} dict; `gt_label_map` (e.g. '7:1') maps reference label values.
   """
   pred_dir, gt_dir, out_dir = pathlib.Path(pred_dir), pathlib.Path(gt_dir), pathlib.Path(out_dir)
+  if not overwrite:
+    existing = [name for name in REPORT_FILES if (out_dir / name).exists()]
+    if existing:
+      raise DataError(f'{out_dir} already holds a report ({", ".join(existing)}): choose another '
+                      '--out, or pass --overwrite to replace it')
   references = _volume_files(gt_dir, 'gt')
   predictions = _volume_files(pred_dir, 'pred')
   if not references:

@@ -124,3 +124,14 @@ def test_command_line(planted):
              for name in ('per_case.csv', 'summary.json', 'summary.md', 'evaluation.png'))
   assert not math.isnan(json.loads((root / 'cli' / 'summary.json').read_text())[
       'by_center']['all']['pancreas']['dice']['mean'])
+
+
+def test_an_existing_report_is_kept_unless_told(planted, tmp_path):
+  root, _ = planted
+  out = tmp_path / 'report'
+  report.evaluate_folder(root / 'pred', root / 'gt', out, overwrite=False)
+  before = (out / 'summary.json').read_text()
+  with pytest.raises(DataError, match='already holds a report.*--overwrite'):
+    report.evaluate_folder(root / 'pred', root / 'gt', out, overwrite=False)
+  assert (out / 'summary.json').read_text() == before
+  report.evaluate_folder(root / 'pred', root / 'gt', out, overwrite=True)

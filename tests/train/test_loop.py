@@ -94,8 +94,11 @@ def test_two_devices_match_one(phantom_root, tmp_path):
   loop.train_and_evaluate(config, tmp_path / 'one', mesh=one)
   loop.train_and_evaluate(_config(phantom_root, steps=3), tmp_path / 'two')
   losses_one, losses_two = _losses(tmp_path / 'one'), _losses(tmp_path / 'two')
-  for step in (1, 2, 3):
-    assert losses_two[step] == pytest.approx(losses_one[step], rel=1e-4, abs=1e-5)
+  # Step 1 is the same computation split over two devices; later steps also carry the float32
+  # rounding of gradients summed in another order through the updates.
+  assert losses_two[1] == pytest.approx(losses_one[1], rel=1e-5)
+  for step in (2, 3):
+    assert losses_two[step] == pytest.approx(losses_one[step], rel=1e-3)
   # A process with one device reads the checkpoint two devices wrote (predicting after training).
   script = ('import jax, sys; from dualseg_jax.train.checkpoint import restore_params; '
             'params, step = restore_params(sys.argv[1], "latest"); '

@@ -77,6 +77,15 @@ class MetricsLog:
       self._writer.close()
 
 
+# Step metrics that are not loss terms; every other top-level name a step logs is one
+# (`loss` is the weighted total, `dice`, `bce`, ... its terms; `name/detail` are their details).
+_NOT_LOSS_TERMS = ('step', 'learning_rate', 'grad_norm', 'nonfinite', 'steps_per_s')
+
+
+def _is_loss_term(name: str) -> bool:
+  return '/' not in name and name not in _NOT_LOSS_TERMS
+
+
 def plot_curves(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
   """Loss terms (log scale) and validation Dice against the step, as one PNG."""
   import matplotlib
@@ -86,8 +95,7 @@ def plot_curves(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
   train_rows = [r for r in rows if 'loss' in r]
   val_rows = [r for r in rows if any(k.startswith('val/') for k in r)]
   fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
-  loss_names = sorted({k for r in train_rows for k in r
-                       if k == 'loss' or k.startswith('loss/')})
+  loss_names = sorted({k for r in train_rows for k in r if _is_loss_term(k)})
   for name in loss_names:
     points = [(r['step'], r[name]) for r in train_rows if r.get(name) is not None and r[name] > 0]
     if points:
@@ -122,7 +130,6 @@ def format_progress(metrics: dict[str, float], keys=('loss',)) -> dict[str, str]
   for name, value in metrics.items():
     if name == 'step':
       continue
-    if name in keys or name.startswith('loss/') or name == 'learning_rate':
-      short = name.removeprefix('loss/')
-      shown[short] = f'{value:.3g}' if value is not None else 'nan'
+    if name in keys or _is_loss_term(name) or name == 'learning_rate':
+      shown[name] = f'{value:.3g}' if value is not None else 'nan'
   return shown

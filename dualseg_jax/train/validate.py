@@ -73,9 +73,14 @@ class Validator:
       predicted = predictor.predict_volume(image, tta_flips=1)['label']
       for name in self.structures:
         select = metrics_lib.STRUCTURES[name]
-        scores[name].append(dice(select(predicted), select(label.array)))
-    result = {f'dice_{name}': float(np.mean(values)) for name, values in scores.items()}
-    result['dice_mean'] = float(np.mean(list(result.values())))
+        reference = select(label.array)
+        # A case without the structure would score 1 for predicting nothing: it would reward an
+        # untrained network and pick the wrong best checkpoint, so it does not count here.
+        if reference.any():
+          scores[name].append(dice(select(predicted), reference))
+    result = {f'dice_{name}': float(np.mean(values)) for name, values in scores.items() if values}
+    if result:
+      result['dice_mean'] = float(np.mean(list(result.values())))
     return result
 
 

@@ -35,3 +35,28 @@ def real_ct_dir():
 def tiny_config():
   from configs import three_center
   return three_center.get_config('tiny')
+
+
+@pytest.fixture(scope='module')
+def phantom_root(tmp_path_factory):
+  """A data root shared by one test module; the first run generates a small phantom set there."""
+  return tmp_path_factory.mktemp('phantoms')
+
+
+def tiny_run_config(root, steps, **overrides):
+  """The tiny preset training on 2 phantom cases per center in `root`, global batch 2, without
+  validation or held-out evaluation (they dominate a tiny run's time); `overrides` maps
+  'section.key' to a value."""
+  from configs import three_center
+  config = three_center.get_config('tiny')
+  config.data.root = str(root)
+  config.data.synthetic_cases_per_center = 2
+  config.data.cache_dir = str(pathlib.Path(root) / 'cache')
+  config.data.batch_size = 2
+  config.train.steps = steps
+  config.train.eval_every = 0
+  config.train.evaluate_test_center = False
+  for key, value in overrides.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config

@@ -15,27 +15,15 @@ from dualseg_jax import config_base
 from dualseg_jax.experiments import ablation
 from dualseg_jax.experiments import runs
 from dualseg_jax.train import loop
+from tests.conftest import tiny_run_config
 from tests.experiments import fakes
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
 LOSSES = ('dice', 'bce', 'sdf_l1', 'sdf_to_mask_dice', 'consistency', 'contrastive', 'slice_bce')
 
 
-@pytest.fixture(scope='module')
-def phantom_root(tmp_path_factory):
-  return tmp_path_factory.mktemp('phantoms')
-
-
 def _config(root, steps=1):
-  config = three_center.get_config('tiny')
-  config.data.root = str(root)
-  config.data.synthetic_cases_per_center = 2
-  config.data.cache_dir = str(pathlib.Path(root) / 'cache')
-  config.data.batch_size = 2
-  config.train.steps = steps
-  config.train.eval_every = 0
-  config.train.evaluate_test_center = False
-  return config
+  return tiny_run_config(root, steps)
 
 
 def _weights(config):

@@ -15,20 +15,15 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import three_center
 from dualseg_jax.data import pipeline
 from dualseg_jax.train import checkpoint as checkpoint_lib
 from dualseg_jax.train import crash_check
 from dualseg_jax.train import loop
+from tests.conftest import tiny_run_config
 from dualseg_jax.train import reporting
 
 STEPS = 10  # of the subprocess runs; one checkpoint per step
 CACHE = os.environ.get('DUALSEG_TEST_COMPILATION_CACHE', '/tmp/dualseg_jax_test_xla_cache')
-
-
-@pytest.fixture(scope='module')
-def phantom_root(tmp_path_factory):
-  return tmp_path_factory.mktemp('phantoms')
 
 
 @pytest.fixture(scope='module')
@@ -46,18 +41,7 @@ def uninterrupted(phantom_root, environment, tmp_path_factory):
 
 
 def _config(root, steps, **overrides):
-  config = three_center.get_config('tiny')
-  config.data.root = str(root)
-  config.data.synthetic_cases_per_center = 2
-  config.data.batch_size = 2
-  config.train.steps = steps
-  config.train.checkpoint_every = 1
-  config.train.evaluate_test_center = False
-  config.train.eval_every = 0
-  for key, value in overrides.items():
-    section, name = key.split('.')
-    config[section][name] = value
-  return config
+  return tiny_run_config(root, steps, **{'train.checkpoint_every': 1, **overrides})
 
 
 def _restore_state(workdir, step):

@@ -10,31 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-from configs import three_center
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, tiny_run_config
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.train import loop
 from dualseg_jax.train import reporting
 
 
-@pytest.fixture(scope='module')
-def phantom_root(tmp_path_factory):
-  return tmp_path_factory.mktemp('phantoms')
-
-
-def _config(root, steps, **overrides):
-  config = three_center.get_config('tiny')
-  config.data.root = str(root)
-  config.data.synthetic_cases_per_center = 2
-  config.data.cache_dir = str(pathlib.Path(root) / 'cache')
-  config.data.batch_size = 2
-  config.train.steps = steps
-  config.train.evaluate_test_center = False
-  config.train.eval_every = 0  # validation is exercised by one test only: it dominates the time
-  for key, value in overrides.items():
-    section, name = key.split('.')
-    config[section][name] = value
-  return config
+_config = tiny_run_config
 
 
 def _losses(workdir):

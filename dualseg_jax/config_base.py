@@ -68,6 +68,8 @@ def base_config() -> ml_collections.ConfigDict:
   model.dropout = 0.1  # channel dropout before the fusion conv
   model.num_groups = 8
   model.num_classes = 2  # joint: (pancreas incl. tumour, tumour)
+  # Initial foreground probability of every voxel (the logits' bias); patches hold ~1-5% foreground.
+  model.foreground_prior = 0.02
   model.slice_head = False  # fine tumour stage: per-slice "contains tumour" classifier
   model.slice_hidden = 128
   model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32

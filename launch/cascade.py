@@ -1,8 +1,10 @@
 """Trains the four cascade stages in order, then predicts and scores the held-out cases with the
 whole cascade: `python -m launch.cascade --config=configs/three_center.py[:preset] [--workdir=DIR]`.
 
-Stages train in DIR/<stage> (rerunning resumes and skips finished stages); the cascade's
-evaluation lands in DIR/evaluation/ (predictions/, notes.json, summary.json, summary.md).
+Stages train in DIR/<stage> (rerunning resumes and skips finished stages) and DIR/cascade.json
+names them with the margins, so `python -m launch.predict --cascade=DIR` segments new CT with the
+cascade; the cascade's evaluation lands in DIR/evaluation/ (predictions/, notes.json,
+summary.json, summary.md).
 """
 
 import logging

@@ -1,9 +1,13 @@
-"""Segments CT with a trained run:
-`python -m launch.predict --workdir=RUN --input=PATH --output=DIR`.
+"""Segments CT with a trained run or a four-stage cascade:
+`python -m launch.predict --workdir=RUN --input=PATH --output=DIR`, or
+`python -m launch.predict --cascade=SPEC --input=PATH --output=DIR`.
 
 PATH is a NIfTI/NRRD file, a folder of them, or a DICOM series folder. Writes DIR/<case>.nii.gz
 (uint8: 0 background, 1 pancreas, 2 tumour) in the input's geometry; with --save_probabilities
-also <case>_probabilities.nii.gz and <case>_sdf.nii.gz.
+also <case>_probabilities.nii.gz and <case>_sdf.nii.gz. SPEC is the folder launch.cascade trained
+in, or a JSON file naming the runs pancreas_coarse, pancreas_fine, tumour_coarse, tumour_fine
+(paths relative to the file) with optional pancreas_margin_vox / tumour_margin_vox (z, y, x);
+the cascade also writes DIR/<case>_notes.json (e.g. no pancreas found).
 """
 
 import sys
@@ -15,27 +19,40 @@ from dualseg_jax.errors import ConfigError, DataError
 
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Training run directory (config.json, checkpoints/).')
+_CASCADE = flags.DEFINE_string('cascade', None,
+                               'Cascade experiment folder (from launch.cascade) or cascade JSON '
+                               'file naming the four stage runs; instead of --workdir.')
 _INPUT = flags.DEFINE_string('input', None,
                              'NIfTI/NRRD file, folder of them, or DICOM series folder.')
 _OUTPUT = flags.DEFINE_string('output', None, 'Folder for the predicted label maps.')
 _TTA = flags.DEFINE_integer('tta', None, 'Test-time flip combinations, 1 (none) to 8; default: '
                             'the run config (inference.tta_flips).')
 _SAVE_PROBABILITIES = flags.DEFINE_bool('save_probabilities', False,
-                                        'Also write 4D float32 probabilities and SDF volumes.')
+                                        'Also write 4D float32 probabilities and SDF volumes '
+                                        '(not with --cascade).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace existing outputs.')
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', None, ['best', 'latest'],
                                 'Which checkpoint; default: the run config (inference.checkpoint).')
-flags.mark_flags_as_required(['workdir', 'input', 'output'])
+flags.mark_flags_as_required(['input', 'output'])
+flags.mark_flags_as_mutual_exclusive(['workdir', 'cascade'], required=True)
 
 
 def main(argv):
   del argv
   from dualseg_jax.inference import run  # deferred: flag errors come before the jax import
   try:
-    written = run.predict_with_run(
-        _WORKDIR.value, _INPUT.value, _OUTPUT.value, tta_flips=_TTA.value,
-        save_probabilities=_SAVE_PROBABILITIES.value, overwrite=_OVERWRITE.value,
-        checkpoint=_CHECKPOINT.value)
+    if _CASCADE.value is not None:
+      if _SAVE_PROBABILITIES.value:
+        raise ConfigError('--save_probabilities writes one run\'s outputs; the cascade combines '
+                          'four runs: drop it, or predict with one stage via --workdir')
+      written = run.predict_with_cascade(
+          _CASCADE.value, _INPUT.value, _OUTPUT.value, tta_flips=_TTA.value,
+          overwrite=_OVERWRITE.value, checkpoint=_CHECKPOINT.value)
+    else:
+      written = run.predict_with_run(
+          _WORKDIR.value, _INPUT.value, _OUTPUT.value, tta_flips=_TTA.value,
+          save_probabilities=_SAVE_PROBABILITIES.value, overwrite=_OVERWRITE.value,
+          checkpoint=_CHECKPOINT.value)
   except (DataError, ConfigError) as error:
     sys.exit(f'error: {error}')
   for paths in written:

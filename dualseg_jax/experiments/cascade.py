@@ -1,10 +1,11 @@
 """The coarse-to-fine cascade: pancreas coarse -> pancreas fine in its region of interest ->
-tumour coarse -> tumour fine inside the pancreas region; training the four stages in order and
-predicting and evaluating held-out cases with them."""
+tumour coarse -> tumour fine inside the pancreas region; training the four stages in order,
+the cascade spec (cascade.json) naming the four runs, and predicting and evaluating with them."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
 from typing import Any, Callable, Protocol, Sequence
@@ -20,6 +21,9 @@ log = logging.getLogger('dualseg_jax')
 
 CASCADE_STAGES = ('pancreas_coarse', 'pancreas_fine', 'tumour_coarse', 'tumour_fine')
 PANCREAS, TUMOUR = 1, 2
+# Written by train_stages into the experiment folder; read by `launch.predict --cascade`.
+SPEC_FILE = 'cascade.json'
+MARGIN_KEYS = ('pancreas_margin_vox', 'tumour_margin_vox')
 
 
 class StagePredictor(Protocol):
@@ -135,13 +139,137 @@ def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collection
 def train_stages(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                  train_fn: Callable | None = None) -> dict[str, pathlib.Path]:
   """Trains the four stages in order in workdir/<stage> (finished ones are not redone); the
-  stages skip their own held-out evaluation, which only the whole cascade is given."""
+  stages skip their own held-out evaluation, which only the whole cascade is given. Then writes
+  workdir/cascade.json, so `launch.predict --cascade=workdir` finds the stages and margins."""
   specs = []
   for stage in CASCADE_STAGES:
     stage_overrides = {k: v for k, v in _flat_differences(config, stage_config(config, stage)).items()}
     stage_overrides['train.evaluate_test_center'] = False
     specs.append(runs.RunSpec(name=stage, overrides=stage_overrides))
-  return runs.run_all(config, workdir, specs, train_fn=train_fn)
+  stage_dirs = runs.run_all(config, workdir, specs, train_fn=train_fn)
+  write_spec(workdir, stage_dirs, config.experiments.cascade_pancreas_margin_vox,
+             config.experiments.cascade_tumour_margin_vox)
+  return stage_dirs
+
+
+@dataclasses.dataclass(frozen=True)
+class CascadeSpec:
+  """The four trained stage runs of one cascade and the margins of its regions of interest."""
+  stage_dirs: dict[str, pathlib.Path]  # stage -> its run directory (config.json, checkpoints/)
+  pancreas_margin_vox: tuple[int, int, int]  # (z, y, x) around the coarse pancreas
+  tumour_margin_vox: tuple[int, int, int]  # (z, y, x) around the fine pancreas
+  source: pathlib.Path  # the folder or JSON file it was read from, for messages
+
+
+def write_spec(workdir: str | pathlib.Path, stage_dirs: dict[str, pathlib.Path],
+               pancreas_margin_vox: Sequence[int], tumour_margin_vox: Sequence[int]
+               ) -> pathlib.Path:
+  """workdir/cascade.json: each stage's run directory relative to workdir where it lies inside
+  (so the experiment folder can be moved or copied whole), and the margins."""
+  workdir = pathlib.Path(workdir)
+  content: dict[str, Any] = {}
+  for stage in CASCADE_STAGES:
+    stage_dir = pathlib.Path(stage_dirs[stage])
+    try:
+      content[stage] = str(stage_dir.absolute().relative_to(workdir.absolute()))
+    except ValueError:
+      content[stage] = str(stage_dir.absolute())
+  content['pancreas_margin_vox'] = [int(margin) for margin in pancreas_margin_vox]
+  content['tumour_margin_vox'] = [int(margin) for margin in tumour_margin_vox]
+  workdir.mkdir(parents=True, exist_ok=True)
+  runs.write_json(workdir / SPEC_FILE, content)
+  return workdir / SPEC_FILE
+
+
+def read_spec(spec_path: str | pathlib.Path) -> CascadeSpec:
+  """A cascade from an experiment folder (its cascade.json, else its four <stage>/ folders) or
+  from a JSON file naming the four stage run directories (relative paths are taken from the
+  file's folder) and optionally `pancreas_margin_vox` and `tumour_margin_vox` (z, y, x).
+
+  Margins the spec leaves out are those the pancreas_coarse run was configured with
+  (config.experiments.cascade_*_margin_vox).
+  """
+  spec_path = pathlib.Path(spec_path)
+  if spec_path.is_dir() and (spec_path / SPEC_FILE).is_file():
+    spec_path = spec_path / SPEC_FILE
+  if spec_path.is_dir():
+    content: dict[str, Any] = {stage: stage for stage in CASCADE_STAGES}
+    base_dir = spec_path
+  elif spec_path.is_file():
+    content = _read_spec_json(spec_path)
+    base_dir = spec_path.parent
+  else:
+    raise ConfigError(f'--cascade={spec_path} does not exist: give the cascade experiment folder '
+                      '(written by launch.cascade) or a JSON file naming the stage runs '
+                      f'{CASCADE_STAGES}')
+  stage_dirs = {}
+  for stage in CASCADE_STAGES:
+    stage_dir = base_dir / content[stage]  # an absolute path replaces base_dir
+    if not stage_dir.is_dir():
+      raise ConfigError(f'cascade spec {spec_path}: the {stage} run directory {stage_dir} does not '
+                        f'exist; train the stage (python -m launch.cascade) or correct {stage!r}')
+    if not (stage_dir / 'config.json').is_file():
+      raise ConfigError(f'cascade spec {spec_path}: the {stage} run directory {stage_dir} holds no '
+                        f'config.json, so it is not a training run; correct {stage!r}')
+    stage_dirs[stage] = stage_dir
+  margins = {key: content.get(key) for key in MARGIN_KEYS}
+  if any(margin is None for margin in margins.values()):
+    from dualseg_jax.inference import predictor as predictor_lib  # deferred: imports jax
+    trained = predictor_lib.load_config(stage_dirs['pancreas_coarse']).experiments
+    for key in MARGIN_KEYS:
+      if margins[key] is None:
+        margins[key] = trained[f'cascade_{key}']
+  return CascadeSpec(stage_dirs=stage_dirs, source=spec_path,
+                     **{key: _margin(spec_path, key, value) for key, value in margins.items()})
+
+
+def _read_spec_json(path: pathlib.Path) -> dict[str, Any]:
+  try:
+    content = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise ConfigError(f'cascade spec {path} is not readable JSON ({error}); fix the file or give '
+                      'the cascade experiment folder instead') from error
+  if not isinstance(content, dict):
+    raise ConfigError(f'cascade spec {path} must hold a JSON object with the keys {CASCADE_STAGES} '
+                      f'(run directories) and optionally {MARGIN_KEYS}')
+  known = CASCADE_STAGES + MARGIN_KEYS
+  unknown = sorted(key for key in content if key not in known)
+  if unknown:
+    raise ConfigError(f'cascade spec {path}: unknown key {unknown[0]!r}; the keys are {known}')
+  missing = [stage for stage in CASCADE_STAGES if stage not in content]
+  if missing:
+    raise ConfigError(f'cascade spec {path} lacks the run directory of the stage {missing[0]!r}; '
+                      f'name all four stages {CASCADE_STAGES}')
+  for stage in CASCADE_STAGES:
+    if not isinstance(content[stage], str) or not content[stage]:
+      raise ConfigError(f'cascade spec {path}: {stage!r} must be a run directory path (a string), '
+                        f'not {content[stage]!r}')
+  return content
+
+
+def _margin(spec_path: pathlib.Path, key: str, value: Any) -> tuple[int, int, int]:
+  """Three voxel counts (z, y, x), each a whole number >= 0."""
+  def is_count(item):
+    return (isinstance(item, (int, float)) and not isinstance(item, bool) and item >= 0
+            and float(item).is_integer())
+  if isinstance(value, (list, tuple)) and len(value) == 3 and all(map(is_count, value)):
+    return tuple(int(item) for item in value)
+  raise ConfigError(f'cascade spec {spec_path}: {key!r} = {value!r}; give three whole voxel counts '
+                    '>= 0 in (z, y, x) order, e.g. [4, 12, 12]')
+
+
+def load_predictors(spec: CascadeSpec, checkpoint: str | None = None) -> dict[str, StagePredictor]:
+  """Restores each stage's network; a run trained for another stage than the spec says is a
+  ConfigError (its output channel would be read as the wrong structure)."""
+  from dualseg_jax.inference import predictor as predictor_lib  # deferred: imports jax
+  # Every stage is checked before any network is restored, so a wrong spec fails at once.
+  for stage in CASCADE_STAGES:
+    trained_stage = predictor_lib.load_config(spec.stage_dirs[stage]).stage
+    if trained_stage != stage:
+      raise ConfigError(f'cascade spec {spec.source}: {stage!r} names {spec.stage_dirs[stage]}, '
+                        f'a run trained as stage {trained_stage!r}; give a {stage} run')
+  return {stage: predictor_lib.load_predictor(spec.stage_dirs[stage], checkpoint=checkpoint)
+          for stage in CASCADE_STAGES}
 
 
 def _flat_differences(base: ml_collections.ConfigDict, other: ml_collections.ConfigDict) -> dict:

@@ -1,18 +1,22 @@
-"""Predicting a file, a DICOM series or a folder of volumes with a trained run, writing label maps
-(and optionally probabilities and SDFs) as NIfTI in each input's own geometry.
+"""Predicting a file, a DICOM series or a folder of volumes with a trained run or a four-stage
+cascade, writing label maps (and optionally probabilities and SDFs) as NIfTI in each input's own
+geometry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import pathlib
+from typing import Sequence
 
 import numpy as np
 import tqdm
 
 from dualseg_jax.data import io
 from dualseg_jax.errors import DataError
+from dualseg_jax.experiments import cascade as cascade_lib
 from dualseg_jax.inference.predictor import Predictor, load_predictor
 
 log = logging.getLogger(__name__)
@@ -22,7 +26,7 @@ VOLUME_SUFFIXES = io.NIFTI_SUFFIXES + io.NRRD_SUFFIXES
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-  name: str  # output files are <name>.nii.gz, <name>_probabilities.nii.gz, <name>_sdf.nii.gz
+  name: str  # outputs: <name>.nii.gz, <name>_probabilities/_sdf.nii.gz, cascade <name>_notes.json
   source: pathlib.Path  # a volume file or a DICOM series folder
 
 
@@ -56,21 +60,25 @@ def find_cases(input_path: str | pathlib.Path) -> list[Case]:
   return [Case(input_path.name, input_path)]
 
 
-def output_paths(case: Case, output_dir: pathlib.Path, save_probabilities: bool) -> dict:
+def output_paths(case: Case, output_dir: pathlib.Path, save_probabilities: bool,
+                 notes: bool = False) -> dict:
   paths = {'label': output_dir / f'{case.name}.nii.gz'}
   if save_probabilities:
     paths['probabilities'] = output_dir / f'{case.name}_probabilities.nii.gz'
     paths['sdf'] = output_dir / f'{case.name}_sdf.nii.gz'
+  if notes:
+    paths['notes'] = output_dir / f'{case.name}_notes.json'
   return paths
 
 
 def plan_outputs(input_path: str | pathlib.Path, output_dir: str | pathlib.Path,
-                 save_probabilities: bool = False, overwrite: bool = False
+                 save_probabilities: bool = False, overwrite: bool = False, notes: bool = False
                  ) -> list[tuple[Case, dict[str, pathlib.Path]]]:
-  """Each case under `input_path` with its output paths; refuses existing outputs unless
-  `overwrite`, before anything is predicted, so a refusal leaves nothing half done."""
+  """Each case under `input_path` with its output paths (`notes`: also the cascade's notes file);
+  refuses existing outputs unless `overwrite`, before anything is predicted, so a refusal leaves
+  nothing half done."""
   output_dir = pathlib.Path(output_dir)
-  planned = [(case, output_paths(case, output_dir, save_probabilities))
+  planned = [(case, output_paths(case, output_dir, save_probabilities, notes))
              for case in find_cases(input_path)]
   if not overwrite:
     existing = [str(path) for _, paths in planned for path in paths.values() if path.exists()]
@@ -119,3 +127,56 @@ def predict_with_run(workdir: str | pathlib.Path, input_path: str | pathlib.Path
   predictor = load_predictor(workdir, checkpoint=checkpoint)
   return predict_cases(predictor, input_path, output_dir, tta_flips=tta_flips,
                        save_probabilities=save_probabilities, overwrite=overwrite)
+
+
+def predict_cases_with_cascade(predictors: dict[str, cascade_lib.StagePredictor],
+                               pancreas_margin_vox: Sequence[int], tumour_margin_vox: Sequence[int],
+                               input_path: str | pathlib.Path, output_dir: str | pathlib.Path,
+                               tta_flips: int | None = None, overwrite: bool = False
+                               ) -> list[dict[str, pathlib.Path]]:
+  """Predicts every case under `input_path` with the four cascade stages; writes per case
+  <case>.nii.gz (uint8 0/1/2, the input's exact shape and affine) and <case>_notes.json (what the
+  cascade could not do, e.g. an empty pancreas region, and the boxes the fine stages saw)."""
+  planned = plan_outputs(input_path, output_dir, overwrite=overwrite, notes=True)
+  written = []
+  for case, paths in tqdm.tqdm(planned, desc='cascade', unit='case', disable=len(planned) < 2):
+    volume = io.read_volume(case.source)
+    output = cascade_lib.cascade_predict(volume, predictors, pancreas_margin_vox, tumour_margin_vox,
+                                         tta_flips=tta_flips)
+    io.write_nifti(output.label, volume.geometry, paths['label'], dtype=np.uint8)
+    _write_notes(paths['notes'], case, output)
+    for note in output.notes:
+      log.warning('%s: %s', case.name, note)
+    log.info('%s -> %s', case.source, paths['label'])
+    written.append(paths)
+  return written
+
+
+def _write_notes(path: pathlib.Path, case: Case, output: cascade_lib.CascadeOutput) -> None:
+  boxes = {stage: None if box is None else [[region.start, region.stop] for region in box]
+           for stage, box in output.boxes.items()}
+  content = {'case': case.name, 'source': str(case.source), 'notes': output.notes,
+             # [start, stop) per axis of the canonical (z, y, x) array, not of the input file.
+             'fine_stage_boxes_zyx': boxes}
+  temporary = path.with_name(f'.{path.name}.partial')
+  try:
+    temporary.write_text(json.dumps(content, indent=2))
+    temporary.replace(path)
+  except OSError as error:
+    temporary.unlink(missing_ok=True)
+    raise DataError(f'cannot write {path} ({error}): check the folder is writable') from error
+
+
+def predict_with_cascade(spec_path: str | pathlib.Path, input_path: str | pathlib.Path,
+                         output_dir: str | pathlib.Path, tta_flips: int | None = None,
+                         overwrite: bool = False, checkpoint: str | None = None
+                         ) -> list[dict[str, pathlib.Path]]:
+  """`python -m launch.predict --cascade=SPEC`: read the cascade spec (see
+  cascade.read_spec), restore the four stages and predict every case under the input."""
+  # Fail on the inputs, outputs and spec before spending time on restoring four networks.
+  plan_outputs(input_path, output_dir, overwrite=overwrite, notes=True)
+  spec = cascade_lib.read_spec(spec_path)
+  predictors = cascade_lib.load_predictors(spec, checkpoint=checkpoint)
+  return predict_cases_with_cascade(predictors, spec.pancreas_margin_vox, spec.tumour_margin_vox,
+                                    input_path, output_dir, tta_flips=tta_flips,
+                                    overwrite=overwrite)

@@ -25,14 +25,35 @@ def mean_over_views(values: list[jnp.ndarray]) -> jnp.ndarray:
   return jnp.mean(jnp.stack(values))
 
 
+def present_channels(mask: jnp.ndarray) -> jnp.ndarray:
+  """(B, D, H, W, C) mask -> (B, C) float32, 1 where the channel holds any foreground voxel."""
+  return (jnp.sum(mask.astype(jnp.float32), axis=_SPATIAL_AXES) > 0).astype(jnp.float32)
+
+
+def dice_over_present(scores: jnp.ndarray, present: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(B, C) soft Dice scores -> (loss, score): means of 1 - score and of score over the
+  (sample, channel) pairs whose mask holds foreground; (0, 0) when none does.
+
+  An empty channel's soft Dice is smooth / (sum p + smooth), ~0 for any prediction with a small
+  `smooth`: it adds a constant and no gradient, but counted in the mean it would halve the weight
+  of the channels that do train (a patch without tumour). BCE trains the empty channels.
+  """
+  count = jnp.maximum(jnp.sum(present), 1.0)
+  return jnp.sum((1.0 - scores) * present) / count, jnp.sum(scores * present) / count
+
+
 @register('dice')
 def dice_loss(views, batch, loss_config, step):
-  """1 - soft Dice of sigmoid(logits) against `mask`, averaged over samples, channels, views."""
+  """1 - soft Dice of sigmoid(logits) against `mask`, averaged over the (sample, channel) pairs
+  that hold foreground (see `dice_over_present`), then over views."""
   del step
-  scores = [soft_dice(jax.nn.sigmoid(view['logits'].astype(jnp.float32)), batch['mask'],
-                      loss_config.dice_smooth) for view in views]
-  mean_score = mean_over_views([jnp.mean(score) for score in scores])
-  return 1.0 - mean_score, {'score': mean_score}
+  present = present_channels(batch['mask'])
+  terms = [dice_over_present(soft_dice(jax.nn.sigmoid(view['logits'].astype(jnp.float32)),
+                                       batch['mask'], loss_config.dice_smooth), present)
+           for view in views]
+  loss = mean_over_views([loss for loss, _ in terms])
+  score = mean_over_views([score for _, score in terms])
+  return loss, {'score': score, 'present': jnp.mean(present)}
 
 
 @register('bce')

@@ -11,14 +11,19 @@ Layout (paper widths (32, 64, 128, 256), blocks (1, 2, 2, 2)):
 - decoder stage j (j = 0, 1, 2): nearest x2 upsampling, add skip 2 - j, one residual block to
   decoder_widths[j]. The channels must line up: fusion_width == widths[2],
   decoder_widths[0] == widths[1], decoder_widths[1] == widths[0].
-- heads: 1x1 convs with bias from decoder_widths[-1] to num_classes logits and to num_classes
-  SDF values read through tanh.
+- heads: GN-ReLU on the decoder output, then 1x1 convs with bias from decoder_widths[-1] to
+  num_classes logits and to num_classes SDF values read through tanh. Weight-standardised convs
+  return sums of fan-in unit-variance terms, so without this norm the logits start with a
+  standard deviation of 15-35 and the tanh of the SDF head starts saturated (no gradient).
+  The logits' bias starts at logit(foreground_prior).
 - slice head: GN-ReLU on the bottleneck, mean over each bottleneck slice's (H, W), MLP
   widths[-1] -> slice_hidden -> 1; full-resolution slice z reads bottleneck slice z // 8.
 Parameters are float32; activations use `dtype`; every output is cast to float32.
 """
 
 from __future__ import annotations
+
+import math
 
 from typing import Any
 
@@ -54,6 +59,7 @@ class DualTaskUNet(nn.Module):
   dropout: float = 0.1
   num_groups: int = 8
   num_classes: int = 2
+  foreground_prior: float = 0.02
   slice_head: bool = False
   slice_hidden: int = 128
   dtype: Any = jnp.float32
@@ -92,7 +98,12 @@ class DualTaskUNet(nn.Module):
       x = _upsample_nearest(x) + skips[NUM_LEVELS - 2 - stage]
       x = block(width, 1, 1, f'decoder{stage}_block')(x)
 
+    x = nn.relu(group_norm(self.num_groups, self.dtype, name='head_norm')(x))
+    # The bias starts at the logit of the expected foreground share: at 0 (p = 0.5 everywhere)
+    # Adam needs thousands of steps to move it to the background's -4.
+    prior_logit = math.log(self.foreground_prior / (1.0 - self.foreground_prior))
     logits = nn.Conv(self.num_classes, (1, 1, 1), dtype=self.dtype, param_dtype=jnp.float32,
+                     bias_init=nn.initializers.constant(prior_logit),
                      name='segmentation_head')(x)
     sdf = nn.Conv(self.num_classes, (1, 1, 1), dtype=self.dtype, param_dtype=jnp.float32,
                   name='sdf_head')(x)
@@ -143,6 +154,9 @@ def _check_widths(model_config: ml_collections.ConfigDict) -> None:
 def build_model(model_config: ml_collections.ConfigDict) -> DualTaskUNet:
   """The network described by `config.model`; raises ConfigError when the widths cannot line up."""
   _check_widths(model_config)
+  if not 0.0 < model_config.foreground_prior < 1.0:
+    raise ConfigError(f'model.foreground_prior={model_config.foreground_prior}: the initial '
+                      'foreground probability must lie strictly between 0 and 1, e.g. 0.02')
   return DualTaskUNet(
       widths=tuple(model_config.widths),
       blocks=tuple(model_config.blocks),
@@ -154,6 +168,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DualTaskUNet:
       dropout=model_config.dropout,
       num_groups=model_config.num_groups,
       num_classes=model_config.num_classes,
+      foreground_prior=model_config.foreground_prior,
       slice_head=model_config.slice_head,
       slice_hidden=model_config.slice_hidden,
       dtype=_DTYPES[model_config.dtype],

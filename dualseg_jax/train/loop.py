@@ -231,7 +231,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         pending = None
       if step % config.train.log_every == 0 or step == total_steps:
         pending = (step, metrics)
-      bad_in_a_row = int(state.bad_steps) if config.train.max_bad_steps else 0
+      # Reading the counter waits for the step; doing it only at log steps keeps the host one
+      # batch ahead of the device in between. Skipped steps leave the parameters as they were,
+      # so a late stop still saves the last good parameters.
+      check_bad = config.train.max_bad_steps and (step % config.train.log_every == 0
+                                                  or step == total_steps)
+      bad_in_a_row = int(state.bad_steps) if check_bad else 0
       if config.train.max_bad_steps and bad_in_a_row >= config.train.max_bad_steps:
         if pending is not None:
           flush(pending)

@@ -65,13 +65,15 @@ def sigmoid(x):
 
 
 def slow_dice_loss(probability_maps, mask, smooth):
+  """Mean over views of 1 - mean soft Dice over the (sample, channel) pairs holding foreground."""
   losses_per_view = []
   for probabilities in probability_maps:
     scores = []
     for sample, channel in itertools.product(range(mask.shape[0]), range(mask.shape[-1])):
       p, m = probabilities[sample, ..., channel], mask[sample, ..., channel]
-      scores.append((2 * (p * m).sum() + smooth) / (p.sum() + m.sum() + smooth))
-    losses_per_view.append(1 - np.mean(scores))
+      if m.sum() > 0:
+        scores.append((2 * (p * m).sum() + smooth) / (p.sum() + m.sum() + smooth))
+    losses_per_view.append(1 - np.mean(scores) if scores else 0.0)
   return np.mean(losses_per_view)
 
 
@@ -93,6 +95,27 @@ def test_dice_matches_numpy():
                             config.dice_smooth)
   np.testing.assert_allclose(value, expected, rtol=1e-5)
   np.testing.assert_allclose(metrics['score'], 1 - expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['dice', 'sdf_to_mask_dice'])
+def test_dice_terms_skip_channels_without_foreground(name):
+  views, batch, config = make_views(10), make_batch(11), loss_config(transform_k=20.0)
+  batch['mask'][0, ..., 1] = 0.0  # sample 0 holds no tumour
+  value = losses.LOSSES[name](views, batch, config, 0)[0]
+  if name == 'dice':
+    maps = [sigmoid(v['logits']) for v in views]
+  else:
+    maps = [sigmoid(-20.0 * v['sdf']) for v in views]
+  np.testing.assert_allclose(value, slow_dice_loss(maps, batch['mask'], config.dice_smooth),
+                             rtol=1e-5)
+  # Only 3 of the 4 (sample, channel) pairs count: not the mean with the empty pair's ~1.
+  with_empty = np.mean([1 - np.mean([
+      (2 * (m[b, ..., c] * batch['mask'][b, ..., c]).sum() + config.dice_smooth)
+      / (m[b, ..., c].sum() + batch['mask'][b, ..., c].sum() + config.dice_smooth)
+      for b in range(BATCH) for c in range(CHANNELS)]) for m in maps])
+  assert abs(float(value) - with_empty) > 0.05
+  batch['mask'][:] = 0.0
+  assert float(losses.LOSSES[name](views, batch, config, 0)[0]) == 0.0
 
 
 def test_bce_matches_numpy():

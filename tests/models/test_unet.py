@@ -115,6 +115,7 @@ def hand_parameter_count(widths, blocks, dilated_blocks, fusion_width, embedding
   decoder_inputs = (fusion_width,) + tuple(decoder_widths[:-1])
   for cin, cout in zip(decoder_inputs, decoder_widths):
     total += block(cin, cout, cin != cout)
+  total += norm(decoder_widths[-1])  # the heads' GN
   total += 2 * (decoder_widths[-1] * num_classes + num_classes)  # segmentation and SDF heads
   if slice_head:
     total += norm(widths[3]) + widths[3] * slice_hidden + slice_hidden + slice_hidden + 1
@@ -132,9 +133,32 @@ def test_paper_parameter_count_equals_hand_count(slice_head):
   expected = hand_parameter_count(m.widths, m.blocks, m.dilated_blocks, m.fusion_width, m.embedding_dim,
                                   m.decoder_widths, m.num_classes, m.slice_hidden, slice_head)
   assert count == expected
-  # The paper network: 15,834,308 weights without the slice head (the hand count above).
-  assert slice_head or count == 15_834_308
+  # The paper network: 15,834,372 weights without the slice head (the hand count above).
+  assert slice_head or count == 15_834_372
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes['params']))
+
+
+@pytest.mark.parametrize('preset', ['quick', 'paper'])
+def test_outputs_start_near_the_foreground_prior_and_the_sdf_unsaturated(preset):
+  # Un-normalised decoder sums once gave logits of standard deviation 15-35 at initialisation:
+  # a saturated tanh (no SDF gradient) and confident wrong masks.
+  config = three_center.get_config(preset)
+  model = models.build_model(config.model)
+  shape = (1, 16, 32, 32, 1)
+  variables = models.init_variables(model, jax.random.key(0), shape)
+  images = jax.random.uniform(jax.random.key(1), shape)
+  outputs = model.apply(variables, images, train=False)
+  probabilities = jax.nn.sigmoid(outputs['logits'])
+  assert float(jnp.std(outputs['logits'])) < 2.0
+  assert abs(float(jnp.median(probabilities)) - config.model.foreground_prior) < 0.03
+  assert float(jnp.mean(jnp.abs(outputs['sdf']) > 0.9)) < 0.1
+
+
+def test_foreground_prior_outside_zero_one_is_a_config_error():
+  config = three_center.get_config('tiny')
+  config.model.foreground_prior = 1.0
+  with pytest.raises(ConfigError, match='model.foreground_prior'):
+    models.build_model(config.model)
 
 
 def test_bfloat16_forward_matches_float32(tiny_model_config, tiny_variables):

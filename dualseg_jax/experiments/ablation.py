@@ -29,21 +29,31 @@ def _ladder(steps: list[tuple[str, dict[str, Any]]]) -> list[tuple[str, dict[str
   return variants
 
 
+class _ConfigValue:
+  """An override that sets the key to the experiment config's own value (a preset's weights)."""
+
+  def __repr__(self):
+    return 'CONFIG_VALUE'
+
+
+CONFIG_VALUE = _ConfigValue()
+
 _SEGMENTATION_ONLY = {
-    'loss.weights.dice': 1.0, 'loss.weights.bce': 1.0, 'loss.weights.sdf_l1': 0.0,
+    'loss.weights.dice': CONFIG_VALUE, 'loss.weights.bce': CONFIG_VALUE, 'loss.weights.sdf_l1': 0.0,
     'loss.weights.sdf_to_mask_dice': 0.0, 'loss.weights.consistency': 0.0,
     'loss.weights.contrastive': 0.0, 'loss.weights.slice_bce': 0.0, 'augment.num_views': 1}
 
 # Every ablation in one place: name -> [(variant name, {dotted config key: value})]. The variant
 # name is its run folder; the first variant is the baseline the gains are measured against.
 ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    # The paper's table; 'full' equals the default config of config_base.
+    # The paper's table; each step switches an ingredient on at the experiment config's own
+    # weight, so 'full' equals the experiment config (config_base's weights for the paper preset).
     'paper': _ladder([
         ('seg_only', _SEGMENTATION_ONLY),
-        ('+sdf', {'loss.weights.sdf_l1': 1.0}),
-        ('+transform', {'loss.weights.sdf_to_mask_dice': 1.0}),
-        ('+views', {'augment.num_views': 2, 'loss.weights.consistency': 1.0}),
-        ('full', {'loss.weights.contrastive': 0.1}),
+        ('+sdf', {'loss.weights.sdf_l1': CONFIG_VALUE}),
+        ('+transform', {'loss.weights.sdf_to_mask_dice': CONFIG_VALUE}),
+        ('+views', {'augment.num_views': CONFIG_VALUE, 'loss.weights.consistency': CONFIG_VALUE}),
+        ('full', {'loss.weights.contrastive': CONFIG_VALUE}),
     ]),
     # Sharpness of the smooth SDF -> mask transform sigmoid(-k * sdf).
     'transform_k': [
@@ -68,11 +78,21 @@ class AblationRun:
   spec: runs.RunSpec
 
 
-def variants(ablation: str) -> list[tuple[str, dict[str, Any]]]:
+def variants(ablation: str, config: ml_collections.ConfigDict) -> list[tuple[str, dict[str, Any]]]:
+  """The ablation's (variant, overrides), CONFIG_VALUE replaced by `config`'s values."""
   if ablation not in ABLATIONS:
     raise ConfigError(f'--ablation={ablation!r}: choose one of {sorted(ABLATIONS)} (defined in '
                       'dualseg_jax/experiments/ablation.py::ABLATIONS)')
-  return ABLATIONS[ablation]
+
+  def value_of(dotted_key, value):
+    if value is not CONFIG_VALUE:
+      return value
+    node = config
+    for part in dotted_key.split('.'):
+      node = node[part]
+    return node
+  return [(name, {key: value_of(key, value) for key, value in overrides.items()})
+          for name, overrides in ABLATIONS[ablation]]
 
 
 def plan(config: ml_collections.ConfigDict, ablation: str, seeds: list[int] | None = None,
@@ -86,7 +106,7 @@ def plan(config: ml_collections.ConfigDict, ablation: str, seeds: list[int] | No
     raise ConfigError(f'held-out center(s) {unknown} are not in data.centers='
                       f'{tuple(config.data.centers)}')
   planned = []
-  for name, overrides in variants(ablation):
+  for name, overrides in variants(ablation, config):
     for center in test_centers:
       for seed in seeds:
         folder = name + (f'_seed{seed}' if seed != config.seed else '') + (

@@ -32,7 +32,7 @@ def _weights(config):
 
 def test_paper_ladder_adds_one_ingredient_per_row_and_ends_at_the_default_config(tmp_path):
   config = _config(tmp_path)
-  ladder = dict(ablation.variants('paper'))
+  ladder = dict(ablation.variants('paper', config))
   assert list(ladder) == ['seg_only', '+sdf', '+transform', '+views', 'full']
   enabled = {name: sorted(k for k, v in _weights(runs.with_overrides(config, o)).items() if v > 0)
              for name, o in ladder.items()}
@@ -49,6 +49,11 @@ def test_paper_ladder_adds_one_ingredient_per_row_and_ends_at_the_default_config
   assert _weights(full) == _weights(default) and full.augment.num_views == default.augment.num_views
   # The variant is a copy: the experiment's config is untouched.
   assert config.augment.num_views == 2
+  # A preset's own weights are the ones switched on (the quick preset's SDF weights are 0.3).
+  quick = three_center.get_config('quick')
+  quick_ladder = dict(ablation.variants('paper', quick))
+  assert quick_ladder['+sdf']['loss.weights.sdf_l1'] == quick.loss.weights.sdf_l1 == 0.3
+  assert _weights(runs.with_overrides(quick, quick_ladder['full'])) == _weights(quick)
 
 
 def test_unknown_override_key_and_ablation_name_are_config_errors(tmp_path):
@@ -68,7 +73,7 @@ def test_table_rows_columns_means_and_gains(tmp_path):
   assert len(training.calls) == 5 * 2 * 2
   assert 'seg_only' in training.calls and '+sdf_seed2023_test_center_a' in training.calls
   expected = {}
-  for name, overrides in ablation.variants('paper'):
+  for name, overrides in ablation.variants('paper', config):
     for center in ('center_c', 'center_a'):
       for structure in ('tumour', 'pancreas'):
         per_seed = [fakes.expected_scores(runs.with_overrides(config, {

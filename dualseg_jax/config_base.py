@@ -83,6 +83,9 @@ def base_config() -> ml_collections.ConfigDict:
   loss.weights = ml_collections.ConfigDict(dict(
       dice=1.0, bce=1.0, sdf_l1=1.0, sdf_to_mask_dice=1.0, consistency=1.0,
       contrastive=0.1, slice_bce=0.0))
+  # Name -> steps over which that term's weight grows linearly from 0 (absent: full weight from
+  # step 0), e.g. --config.loss.ramp_up_steps.contrastive=150.
+  loss.ramp_up_steps = ml_collections.ConfigDict({name: 0 for name in loss.weights})
   loss.transform = 'smooth'  # SDF -> mask: 'smooth' sigmoid(-k*sdf) | 'hard' threshold
   loss.transform_k = 1500.0
   loss.transform_k_start = 0.0  # > 0: anneal k from here to transform_k over anneal_steps

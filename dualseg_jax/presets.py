@@ -54,6 +54,10 @@ def apply(config: ml_collections.ConfigDict, preset: str | None) -> ml_collectio
     config.loss.weights.sdf_to_mask_dice = 0.3
     config.loss.transform_k_start = 50.0
     config.loss.transform_anneal_steps = 300
+    # At initialisation the contrastive term's gradient on the encoder is ~100x the Dice term's
+    # and Adam's second moment then damps the segmentation updates; its weight grows from 0 over
+    # the first 300 steps (docs/design.md, "Short schedules").
+    config.loss.ramp_up_steps.contrastive = 300
     # Whole-volume validation meets tissue far from the pancreas: half the patches go anywhere.
     data.random_patch_fraction = 0.5
     train.steps = 600

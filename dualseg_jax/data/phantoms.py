@@ -23,6 +23,7 @@ from scipy import interpolate
 from scipy import ndimage
 from scipy import spatial
 
+from dualseg_jax import files
 from dualseg_jax.data import volume as volume_lib
 from dualseg_jax.errors import ConfigError, DataError
 
@@ -973,14 +974,7 @@ def _write_nifti(path: pathlib.Path, array: np.ndarray, geometry: volume_lib.Geo
   image = volume_lib.to_nifti(array, geometry)
   image.header.set_xyzt_units('mm', 'sec')
   # gzip with a fixed mtime and no file name, so the same seed gives the same bytes.
-  _write_atomically(path, gzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
-
-
-def _write_atomically(path: pathlib.Path, data: bytes) -> None:
-  """A killed run leaves either the old file or the new one, never half of one."""
-  partial = path.with_name(path.name + '.partial')
-  partial.write_bytes(data)
-  os.replace(partial, path)
+  files.write_bytes(path, gzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
 
 
 def _dataset_json(protocol: CenterProtocol, case_ids: list[str]) -> dict:
@@ -1043,7 +1037,7 @@ def write_dataset(out_dir, cases_per_center: int, seed: int,
         preview_cases[center] = case
       cases.append(case)
       case_ids.append(case_id)
-    _write_atomically(center_dir / 'dataset.json',
+    files.write_bytes(center_dir / 'dataset.json',
                       (json.dumps(_dataset_json(protocol, case_ids), indent=2) + '\n').encode())
     summary[center] = measure_center(cases, protocol)
     summary[center]['seconds_per_case'] = seconds / cases_per_center
@@ -1051,7 +1045,7 @@ def write_dataset(out_dir, cases_per_center: int, seed: int,
   parameters = dict(generator_version=GENERATOR_VERSION, seed=int(seed),
                     cases_per_center=int(cases_per_center), centers=list(centers),
                     files=written)
-  _write_atomically(out_dir / PARAMETERS_FILE, (json.dumps(parameters, indent=2) + '\n').encode())
+  files.write_bytes(out_dir / PARAMETERS_FILE, (json.dumps(parameters, indent=2) + '\n').encode())
   if preview_path:
     write_preview(preview_path, preview_cases)
   return summary

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from dualseg_jax import files
 from dualseg_jax.data import io
 from dualseg_jax.errors import DataError
 from dualseg_jax.evaluation import metrics as metrics_lib
@@ -157,7 +158,7 @@ def evaluate_folder(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path,
           ('markdown', 'summary.md'), ('figure', 'evaluation.png'))},
   }
   _write_csv(rows, out_dir / 'per_case.csv')
-  (out_dir / 'summary.json').write_text(json.dumps(summary, indent=2))
+  files.write_json(out_dir / 'summary.json', summary)
   (out_dir / 'summary.md').write_text(markdown_table(summary))
   from dualseg_jax.evaluation import figures  # deferred: matplotlib only when writing figures
   figures.evaluation_figure(

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from dualseg_jax import files
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.experiments import runs
 from dualseg_jax.experiments import tables
@@ -55,6 +56,8 @@ ABLATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
         ('+views', {'augment.num_views': CONFIG_VALUE, 'loss.weights.consistency': CONFIG_VALUE}),
         ('full', {'loss.weights.contrastive': CONFIG_VALUE}),
     ]),
+    # The ladder's two ends alone: a cheap way to run both under several seeds (--seeds).
+    'ends': [('seg_only', _SEGMENTATION_ONLY), ('full', {})],
     # Sharpness of the smooth SDF -> mask transform sigmoid(-k * sdf).
     'transform_k': [
         ('k100', {'loss.transform': 'smooth', 'loss.transform_k': 100.0}),
@@ -193,7 +196,7 @@ def _difference(value: float | None, baseline: float | None) -> float | None:
 
 def write_tables(table: dict, workdir: pathlib.Path) -> None:
   """ablation.json (everything), ablation.csv (one flat row per variant), ablation.md (readable)."""
-  runs.write_json(workdir / 'ablation.json', table)
+  files.write_json(workdir / 'ablation.json', table)
   flat_rows, markdown_rows = [], []
   columns = ['Variant']
   for center in table['test_centers']:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Protocol, Sequence
 import ml_collections
 import numpy as np
 
+from dualseg_jax import files
 from dualseg_jax.data.volume import Volume
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.experiments import runs
@@ -177,7 +178,7 @@ def write_spec(workdir: str | pathlib.Path, stage_dirs: dict[str, pathlib.Path],
   content['pancreas_margin_vox'] = [int(margin) for margin in pancreas_margin_vox]
   content['tumour_margin_vox'] = [int(margin) for margin in tumour_margin_vox]
   workdir.mkdir(parents=True, exist_ok=True)
-  runs.write_json(workdir / SPEC_FILE, content)
+  files.write_json(workdir / SPEC_FILE, content)
   return workdir / SPEC_FILE
 
 
@@ -293,7 +294,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   from dualseg_jax.data import pipeline
   from dualseg_jax.data import registry
   from dualseg_jax.evaluation import report
-  from dualseg_jax.inference import predictor as predictor_lib
   workdir = pathlib.Path(workdir)
   evaluation_config = stage_config(config, 'tumour_fine')
   with evaluation_config.unlocked():
@@ -304,21 +304,23 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   if not cases:
     log.warning('no labelled test cases for the cascade to evaluate')
     return None
-  predictors = {stage: predictor_lib.load_predictor(stage_dirs[stage]) for stage in CASCADE_STAGES}
+  spec = CascadeSpec(stage_dirs={stage: pathlib.Path(stage_dirs[stage]) for stage in CASCADE_STAGES},
+                     pancreas_margin_vox=tuple(config.experiments.cascade_pancreas_margin_vox),
+                     tumour_margin_vox=tuple(config.experiments.cascade_tumour_margin_vox),
+                     source=workdir)
+  predictors = load_predictors(spec)
   out_dir = workdir / 'evaluation'
   (out_dir / 'predictions').mkdir(parents=True, exist_ok=True)
   notes = {}
   for case in cases:
     volume = io.read_volume(case.image_path)
-    output = cascade_predict(volume, predictors,
-                             config.experiments.cascade_pancreas_margin_vox,
-                             config.experiments.cascade_tumour_margin_vox)
+    output = cascade_predict(volume, predictors, spec.pancreas_margin_vox, spec.tumour_margin_vox)
     io.write_nifti(output.label, volume.geometry, out_dir / 'predictions' / f'{case.case_id}.nii.gz',
                    dtype=np.uint8)
     notes[case.case_id] = output.notes
     for note in output.notes:
       log.warning('%s: %s', case.case_id, note)
-  runs.write_json(out_dir / 'notes.json', notes)
+  files.write_json(out_dir / 'notes.json', notes)
   for case in cases:
     _link(case.label_path, out_dir / 'ground_truth', case.case_id)
     _link(case.image_path, out_dir / 'images', case.case_id)

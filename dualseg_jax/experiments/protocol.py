@@ -10,6 +10,7 @@ from typing import Callable
 
 import ml_collections
 
+from dualseg_jax import files
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.experiments import runs
 from dualseg_jax.experiments import tables
@@ -110,15 +111,20 @@ def protocol_report(workdir: pathlib.Path, specs: list[runs.RunSpec], base_comma
 
 
 def write_report(report: dict, workdir: pathlib.Path) -> None:
-  runs.write_json(workdir / 'protocol.json', report)
+  files.write_json(workdir / 'protocol.json', report)
   tables.write_csv(workdir / 'protocol.csv', report['rows'] + report['aggregates'])
   columns = ['Held out', 'Structure'] + [f'{label} ({unit})' for _, _, label, _, unit in METRICS]
   columns += ['n (cases; runs in aggregates)', 'config sha256']
   markdown_rows = []
   for row in report['rows'] + report['aggregates']:
     cells = [row['held_out'] if row['kind'] != SUMMARY else f'**{row["run"]}**', row['structure']]
-    cells += [tables.format_cell(row[f'{column}_mean'], row[f'{column}_std'], scale=scale, digits=2)
-              for _, column, _, scale, _ in METRICS]
+    for _, column, _, scale, _ in METRICS:
+      cell = tables.format_cell(row[f'{column}_mean'], row[f'{column}_std'], scale=scale, digits=2)
+      # An empty prediction against a non-empty reference has no finite HD95: say how many cases
+      # the figure leaves out, or a 0 mm from tumour-free cases alone reads as a perfect score.
+      if row.get(f'{column}_n_excluded'):
+        cell += f' [{row[f"{column}_n_excluded"]} of {row[f"{column}_n"] + row[f"{column}_n_excluded"]} cases excluded]'
+      cells.append(cell)
     cells += [row.get('dice_n', ''), (row.get('config_sha256') or '')[:12]]
     markdown_rows.append(cells)
   commands = ['', 'Commands (each repeats one run; the config hash is the sha256 of its config.json):', '']

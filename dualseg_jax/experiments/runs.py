@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from dualseg_jax import files
 from dualseg_jax.errors import ConfigError
 
 log = logging.getLogger('dualseg_jax')
@@ -120,13 +121,7 @@ def run_all(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     if result.stopped_early:
       raise ExperimentInterrupted(f'run {run_dir} stopped at step {result.final_step}; rerun the '
                                   'same command to resume it and the runs after it')
-    (run_dir / FINISHED_MARKER).write_text(json.dumps(
-        {'final_step': result.final_step, 'wall_time_s': result.wall_time_s,
-         'config_sha256': config_sha256(run_dir)}, indent=2))
+    files.write_json(run_dir / FINISHED_MARKER,
+                     {'final_step': result.final_step, 'wall_time_s': result.wall_time_s,
+                      'config_sha256': config_sha256(run_dir)})
   return folders
-
-
-def write_json(path: pathlib.Path, content: Any) -> None:
-  temporary = path.with_suffix(path.suffix + '.tmp')
-  temporary.write_text(json.dumps(content, indent=2, default=str))
-  temporary.replace(path)

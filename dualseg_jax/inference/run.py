@@ -6,7 +6,6 @@ geometry.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import pathlib
 from typing import Sequence
@@ -14,6 +13,7 @@ from typing import Sequence
 import numpy as np
 import tqdm
 
+from dualseg_jax import files
 from dualseg_jax.data import io
 from dualseg_jax.errors import DataError
 from dualseg_jax.experiments import cascade as cascade_lib
@@ -158,13 +158,7 @@ def _write_notes(path: pathlib.Path, case: Case, output: cascade_lib.CascadeOutp
   content = {'case': case.name, 'source': str(case.source), 'notes': output.notes,
              # [start, stop) per axis of the canonical (z, y, x) array, not of the input file.
              'fine_stage_boxes_zyx': boxes}
-  temporary = path.with_name(f'.{path.name}.partial')
-  try:
-    temporary.write_text(json.dumps(content, indent=2))
-    temporary.replace(path)
-  except OSError as error:
-    temporary.unlink(missing_ok=True)
-    raise DataError(f'cannot write {path} ({error}): check the folder is writable') from error
+  files.write_json(path, content)
 
 
 def predict_with_cascade(spec_path: str | pathlib.Path, input_path: str | pathlib.Path,

@@ -24,12 +24,26 @@ def register(name: str) -> Callable[[LossFn], LossFn]:
   return add
 
 
+def ramp_factor(ramp_steps: int, step) -> jnp.ndarray:
+  """min(1, step / ramp_steps): a term's weight grows linearly from 0 over its first
+  `ramp_steps` steps (1 throughout when ramp_steps is 0)."""
+  if ramp_steps <= 0:
+    return jnp.float32(1.0)
+  return jnp.minimum(1.0, jnp.asarray(step, jnp.float32) / jnp.float32(ramp_steps))
+
+
 def total_loss(views: list[dict], batch: dict, loss_config, step) -> tuple[jnp.ndarray, dict]:
   """Sum of weight * loss over `loss_config.weights`; a weight of 0 skips the loss entirely.
+  A term named in `loss_config.ramp_up_steps` has its weight scaled by `ramp_factor`.
 
   Metrics hold each active term unweighted under its name, the terms' own metrics as
   'name/metric', and the weighted sum as 'loss'. Unknown names fail at trace time.
   """
+  ramp_up_steps = loss_config.get('ramp_up_steps', {})
+  for name in ramp_up_steps:
+    if name not in loss_config.weights:
+      raise ConfigError(f'config.loss.ramp_up_steps.{name}: no term {name!r} in config.loss.weights '
+                        f'({sorted(loss_config.weights)}); ramp one of those')
   total = jnp.zeros((), jnp.float32)
   metrics = {}
   for name, weight in loss_config.weights.items():
@@ -41,7 +55,7 @@ def total_loss(views: list[dict], batch: dict, loss_config, step) -> tuple[jnp.n
                         '@dualseg_jax.losses.register or set its weight to 0.')
     value, term_metrics = LOSSES[name](views, batch, loss_config, step)
     value = jnp.asarray(value, jnp.float32)
-    total = total + jnp.float32(weight) * value
+    total = total + jnp.float32(weight) * ramp_factor(ramp_up_steps.get(name, 0), step) * value
     metrics[name] = value
     metrics.update({f'{name}/{key}': metric for key, metric in term_metrics.items()})
   metrics['loss'] = total

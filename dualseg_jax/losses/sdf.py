@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.losses.registry import register
-from dualseg_jax.losses.segmentation import dice_over_present, mean_over_views, present_channels, soft_dice
+from dualseg_jax.losses.segmentation import mean_over_views, multi_view_dice
 
 TRANSFORMS = ('smooth', 'hard')
 ANNEALS = ('geometric', 'linear')
@@ -70,10 +70,7 @@ def sdf_to_mask_dice_loss(views, batch, loss_config, step):
   """1 - soft Dice of sdf_to_mask(view sdf) against `mask`, averaged over the (sample, channel)
   pairs that hold foreground (as the `dice` term), then over views."""
   sharpness = transform_sharpness(loss_config, step)
-  present = present_channels(batch['mask'])
-  terms = [dice_over_present(soft_dice(sdf_to_mask(view['sdf'], loss_config.transform, sharpness),
-                                       batch['mask'], loss_config.dice_smooth), present)
-           for view in views]
-  loss = mean_over_views([loss for loss, _ in terms])
-  score = mean_over_views([score for _, score in terms])
+  loss, score, _ = multi_view_dice(
+      [sdf_to_mask(view['sdf'], loss_config.transform, sharpness) for view in views],
+      batch['mask'], loss_config.dice_smooth)
   return loss, {'score': score, 'k': jnp.asarray(sharpness, jnp.float32)}

@@ -42,18 +42,27 @@ def dice_over_present(scores: jnp.ndarray, present: jnp.ndarray) -> tuple[jnp.nd
   return jnp.sum((1.0 - scores) * present) / count, jnp.sum(scores * present) / count
 
 
+def multi_view_dice(view_probabilities: list[jnp.ndarray], mask: jnp.ndarray,
+                    smooth: float) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
+  """Each view's soft-probability map against `mask` -> (loss, score, present share): `soft_dice`,
+  then `dice_over_present`, then the mean over views."""
+  present = present_channels(mask)
+  terms = [dice_over_present(soft_dice(probabilities, mask, smooth), present)
+           for probabilities in view_probabilities]
+  loss = mean_over_views([loss for loss, _ in terms])
+  score = mean_over_views([score for _, score in terms])
+  return loss, score, jnp.mean(present)
+
+
 @register('dice')
 def dice_loss(views, batch, loss_config, step):
   """1 - soft Dice of sigmoid(logits) against `mask`, averaged over the (sample, channel) pairs
   that hold foreground (see `dice_over_present`), then over views."""
   del step
-  present = present_channels(batch['mask'])
-  terms = [dice_over_present(soft_dice(jax.nn.sigmoid(view['logits'].astype(jnp.float32)),
-                                       batch['mask'], loss_config.dice_smooth), present)
-           for view in views]
-  loss = mean_over_views([loss for loss, _ in terms])
-  score = mean_over_views([score for _, score in terms])
-  return loss, {'score': score, 'present': jnp.mean(present)}
+  loss, score, present = multi_view_dice(
+      [jax.nn.sigmoid(view['logits'].astype(jnp.float32)) for view in views], batch['mask'],
+      loss_config.dice_smooth)
+  return loss, {'score': score, 'present': present}
 
 
 @register('bce')

@@ -15,12 +15,11 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from tqdm import tqdm
 
 from dualseg_jax import config_base
+from dualseg_jax import files
 from dualseg_jax import presets
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.train import checkpoint as checkpoint_lib
@@ -108,9 +107,7 @@ def _prepare_workdir(config, workdir: pathlib.Path, overwrite: bool) -> None:
           f'{workdir} holds a run with a different config:\n  ' + '\n  '.join(differences) +
           '\nuse another --workdir, or --overwrite to continue this run with the new config')
   if jax.process_index() == 0:
-    tmp = path.with_suffix('.json.tmp')
-    tmp.write_text(json.dumps(current, indent=2, sort_keys=True))
-    tmp.replace(path)
+    files.write_json(path, current, sort_keys=True)
 
 
 class _StopRequest:

@@ -54,6 +54,10 @@ def test_paper_ladder_adds_one_ingredient_per_row_and_ends_at_the_default_config
   quick_ladder = dict(ablation.variants('paper', quick))
   assert quick_ladder['+sdf']['loss.weights.sdf_l1'] == quick.loss.weights.sdf_l1 == 0.3
   assert _weights(runs.with_overrides(quick, quick_ladder['full'])) == _weights(quick)
+  # The 'ends' grid is the ladder's first and last rows, with the same overrides.
+  ends = dict(ablation.variants('ends', quick))
+  assert list(ends) == ['seg_only', 'full'] and ends['seg_only'] == quick_ladder['seg_only']
+  assert runs.with_overrides(quick, ends['full']) == runs.with_overrides(quick, quick_ladder['full'])
 
 
 def test_unknown_override_key_and_ablation_name_are_config_errors(tmp_path):

@@ -73,6 +73,12 @@ def test_report_rows_numbers_hashes_and_figure(tmp_path):
   assert json.loads((workdir / 'protocol.json').read_text())['rows'][0]['run'] == 'test_center_a'
   markdown = (workdir / 'protocol.md').read_text()
   assert markdown.count('| center_a | pancreas |') == 1 and '| fold 2 | tumour |' in markdown
+  for line in markdown.splitlines():
+    if line.startswith('| center_a | tumour |'):
+      assert '[1 of 2 cases excluded]' in line.split('|')[4]  # the HD95 column
+    if line.startswith('| center_a | pancreas |'):
+      assert 'excluded' not in line
+  assert all(row['hd95_mm_n_excluded'] == str(int(row['structure'] == 'tumour')) for row in run_rows)
   figure = workdir / 'protocol.png'
   assert figure.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and figure.stat().st_size > 10_000
 

@@ -4,6 +4,7 @@ import itertools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -270,6 +271,27 @@ def test_total_loss_is_the_weighted_sum_and_weight_zero_disables_a_term():
   np.testing.assert_allclose(total, 2.0 * dice + 0.5 * bce, rtol=1e-6)
   assert metrics['loss'] == total and metrics['dice'] == dice and 'dice/score' in metrics
   assert 'sdf_l1' not in metrics and 'consistency' not in metrics
+
+
+@pytest.mark.parametrize('step, factor', [(0, 0.0), (3, 0.25), (12, 1.0), (40, 1.0)])
+def test_ramp_up_scales_a_terms_weight_linearly_then_holds_it(step, factor):
+  views, batch = make_views(24, 2), make_batch(25)
+  config = loss_config(weights={'dice': 1.0, 'contrastive': 0.1})
+  config.ramp_up_steps = ml_collections.ConfigDict({'contrastive': 12, 'dice': 0})
+  total, metrics = jax.jit(lambda v, b, s: losses.total_loss(v, b, config, s))(views, batch, step)
+  dice = losses.LOSSES['dice'](views, batch, config, step)[0]
+  contrastive = losses.LOSSES['contrastive'](views, batch, config, step)[0]
+  assert contrastive > 0.1  # the ramp has something to scale
+  np.testing.assert_allclose(total, dice + factor * 0.1 * contrastive, rtol=1e-5)
+  # The logged term stays unweighted, so curves compare across the ramp.
+  np.testing.assert_allclose(metrics['contrastive'], contrastive, rtol=1e-6)
+
+
+def test_ramp_up_of_a_term_without_a_weight_is_a_config_error():
+  config = loss_config()
+  config.ramp_up_steps = ml_collections.ConfigDict({'contrastiv': 100})
+  with pytest.raises(ConfigError, match='ramp_up_steps.contrastiv'):
+    losses.total_loss(make_views(0), make_batch(0), config, 0)
 
 
 def test_unknown_loss_name_lists_the_registered_ones():

@@ -33,6 +33,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from dualseg_jax import files
 from dualseg_jax.data import io
 from dualseg_jax.data import registry
 from dualseg_jax.data import targets
@@ -386,9 +387,7 @@ def build_cache(data_config: ml_collections.ConfigDict, cases: Sequence[registry
 
   ordered = {f'{c.center}/{c.case_id}': entries[f'{c.center}/{c.case_id}'] for c in cases}
   manifest = {'settings_hash': settings.hash, 'settings': settings.as_json(), 'cases': ordered}
-  temporary = directory / (MANIFEST_FILE + '.partial')
-  temporary.write_text(json.dumps(manifest, indent=1) + '\n')
-  os.replace(temporary, directory / MANIFEST_FILE)
+  files.write_bytes(directory / MANIFEST_FILE, (json.dumps(manifest, indent=1) + '\n').encode())
 
   problems = [p for entry in ordered.values() for p in entry['problems']]
   for problem in problems:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from dualseg_jax.errors import ConfigError
-from dualseg_jax.losses.registry import register
+from dualseg_jax.losses.registry import ramp_factor, register
 from dualseg_jax.losses.segmentation import mean_over_views, multi_view_dice
 
 TRANSFORMS = ('smooth', 'hard')
@@ -40,7 +40,7 @@ def transform_sharpness(loss_config, step) -> jnp.ndarray:
   k_start, anneal_steps = loss_config.transform_k_start, loss_config.transform_anneal_steps
   if k_start <= 0 or anneal_steps <= 0:
     return k_end
-  progress = jnp.clip(jnp.asarray(step, jnp.float32) / anneal_steps, 0.0, 1.0)
+  progress = ramp_factor(anneal_steps, step)
   k_start = jnp.float32(k_start)
   if loss_config.transform_anneal == 'geometric':
     return k_start * (k_end / k_start) ** progress

@@ -1,4 +1,5 @@
-"""One entry for every benchmark: the train step, the input pipeline, whole-volume inference."""
+"""One entry for every benchmark: the train step, a training run against it, the input pipeline,
+whole-volume inference."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import ml_collections
 
 
 def run(what: str, config: ml_collections.ConfigDict, repeats: int = 10,
-        inference_shape: tuple[int, int, int] | None = None, loader_batches: int = 20
-        ) -> Iterator[dict[str, Any]]:
+        inference_shape: tuple[int, int, int] | None = None, loader_batches: int = 20,
+        train_steps: int = 60) -> Iterator[dict[str, Any]]:
   """Yields one row (a JSON-able dict naming the device) per measurement."""
   if what == 'step':
     from dualseg_jax.train import bench as step_bench
     yield step_bench.benchmark_step(config, repeats=repeats)
+  elif what == 'train':
+    from dualseg_jax.train import bench as step_bench
+    yield step_bench.benchmark_training(config, steps=train_steps, repeats=repeats)
   elif what == 'loader':
     from dualseg_jax.data import bench as loader_bench
     yield loader_bench.benchmark_loader(config, num_batches=loader_batches)
@@ -22,4 +26,4 @@ def run(what: str, config: ml_collections.ConfigDict, repeats: int = 10,
     kwargs = {'shape': inference_shape} if inference_shape else {}
     yield from inference_bench.benchmark_inference(config, **kwargs)
   else:
-    raise ValueError(f'unknown benchmark {what!r}: choose step, loader or inference')
+    raise ValueError(f'unknown benchmark {what!r}: choose step, train, loader or inference')

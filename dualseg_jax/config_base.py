@@ -77,6 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Strided convs as stride-1 convs read at every 2nd voxel: same numbers, much faster gradients
   # on XLA's CPU backend; the CPU presets switch it on.
   model.subsample_stride = False
+  # How a 3D conv is computed, same parameters and numbers: 'conv3d' (one 3D convolution),
+  # 'depth_folded' (depth taps folded into channels, a 2D convolution per slice: 3-20x faster on
+  # XLA's CPU backend), 'auto' (depth_folded on CPU, conv3d on GPU/TPU).
+  model.conv_impl = 'auto'
 
   loss = config.loss = ml_collections.ConfigDict()
   # Name -> weight; a weight of 0 switches a loss off. Looked up in dualseg_jax.losses.

@@ -1,18 +1,30 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one command (one line of JSON each), for an H100/H200 machine:
-#   bash launch/gpu_checks.sh > gpu_checks.jsonl
-# Step time at METHOD.md's shapes in bf16 and fp32, the loader at paper scale, whole-volume
-# inference with and without the 8 flips.
+# Every GPU measurement as one command (one line of JSON each), for an H100/H200 machine:
+#   bash launch/gpu_checks.sh [targets|levers|all] > gpu_checks.jsonl
+# targets: issue 8's numbers at METHOD.md's shapes (2 views of one 80x224x224 patch): the bf16 and
+#          fp32 steps with peak memory, a training run against the bare step, the loader at paper
+#          scale, 100x512x512 inference with and without the 8 flips.
+# levers:  the bf16 step with one change at a time: depth-folded convs, remat, XLA autotuning off,
+#          cuDNN GEMM fusions, CUDA graphs off; and the smaller 64x160x160 patch.
+# Each line runs in its own process under a time limit, so one failure costs only its own row.
 set -uo pipefail
+group=${1:-all}
 config=configs/three_center.py:paper
-python -c 'import jax; print({"devices": [d.device_kind for d in jax.devices()]})'
-for shape in "64,160,160" "80,224,224"; do
-  python -m launch.bench --what=step --config=$config --config.data.patch_size="($shape)" \
-    --config.model.dtype=bfloat16 --repeats=20
-done
-python -m launch.bench --what=step --config=$config --config.model.dtype=float32 --repeats=10
-python -m launch.bench --what=step --config=$config --config.model.dtype=bfloat16 \
-  --config.model.remat=True --repeats=20
-python -m launch.bench --what=loader --config=$config --loader_batches=50
-python -m launch.bench --what=inference --config=$config --config.model.dtype=bfloat16 \
-  --inference_shape=100,512,512
+limit=${GPU_CHECK_LIMIT_S:-300}
+bench() { timeout "$limit" python -m launch.bench --config=$config "$@" || echo "{\"failed\": \"$*\"}"; }
+python -c 'import jax; print({"devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__})'
+if [[ $group == targets || $group == all ]]; then
+  bench --what=step --config.model.dtype=bfloat16 --repeats=20
+  bench --what=step --config.model.dtype=float32 --repeats=10
+  bench --what=train --config.model.dtype=bfloat16 --train_steps=60 --repeats=20
+  bench --what=loader --loader_batches=50
+  bench --what=inference --config.model.dtype=bfloat16 --inference_shape=100,512,512
+fi
+if [[ $group == levers || $group == all ]]; then
+  bench --what=step --config.model.dtype=bfloat16 --config.model.conv_impl=depth_folded --repeats=20
+  bench --what=step --config.model.dtype=bfloat16 --config.model.remat=True --repeats=20
+  XLA_FLAGS=--xla_gpu_autotune_level=0 bench --what=step --config.model.dtype=bfloat16 --repeats=20
+  XLA_FLAGS=--xla_gpu_cudnn_gemm_fusion_level=2 bench --what=step --config.model.dtype=bfloat16 --repeats=20
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= bench --what=step --config.model.dtype=bfloat16 --repeats=20
+  bench --what=step --config.data.patch_size='(64,160,160)' --config.model.dtype=bfloat16 --repeats=20
+fi

@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dualseg_jax.errors import ConfigError
+
 STANDARDIZE_EPS = 1e-12
 
 
@@ -24,13 +26,76 @@ def standardize_kernel(kernel: jax.Array, eps: float = STANDARDIZE_EPS) -> jax.A
   return (kernel - mean) / jnp.sqrt(variance + eps)
 
 
+CONV_IMPLS = ('conv3d', 'depth_folded')
+
+
+def resolve_conv_impl(name: str) -> str:
+  """`model.conv_impl`: 'auto' is 'depth_folded' on the CPU backend and 'conv3d' elsewhere."""
+  if name == 'auto':
+    return 'depth_folded' if jax.default_backend() == 'cpu' else 'conv3d'
+  if name not in CONV_IMPLS:
+    raise ConfigError(f'model.conv_impl={name!r}; choose one of {("auto",) + CONV_IMPLS}')
+  return name
+
+
+def conv3d(x: jax.Array, kernel: jax.Array, stride: int = 1, dilation: int = 1,
+           impl: str = 'conv3d', subsample_stride: bool = False, feature_group_count: int = 1,
+           precision: Any = None) -> jax.Array:
+  """'Same' 3D convolution of NDHWC `x` with a (k, k, k, in / groups, out) kernel.
+
+  Padding is symmetric, dilation * (k - 1) / 2 per side, so a stride-2 conv of an even size gives
+  exactly half the size. Two ways to compute the same numbers (`impl`, 'auto' allowed):
+  - 'conv3d': one 3D convolution. `subsample_stride` computes a strided one as a stride-1 conv
+    read at every `stride`-th voxel, which XLA's CPU backend differentiates ~10x faster.
+  - 'depth_folded': the k depth taps of the input become channels (in * k) and a 2D convolution
+    over (H, W) runs on every output slice. XLA's CPU backend runs 2D convolutions 4-20x faster than
+    3D ones at 1-64 channels, forward and backward.
+  """
+  impl = resolve_conv_impl(impl)
+  size = kernel.shape[0]
+  pad = dilation * (size - 1) // 2
+  if stride > 1 and size == 1:
+    x, stride = x[:, ::stride, ::stride, ::stride], 1  # a strided 1x1 conv only reads these voxels
+  if impl == 'depth_folded':
+    return _depth_folded_conv(x, kernel, stride, dilation, pad, feature_group_count, precision)
+  subsample = stride > 1 and subsample_stride
+  y = jax.lax.conv_general_dilated(
+      x, kernel,
+      window_strides=(1 if subsample else stride,) * 3,
+      padding=((pad, pad),) * 3,
+      rhs_dilation=(dilation,) * 3,
+      dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'),
+      feature_group_count=feature_group_count, precision=precision)
+  return y[:, ::stride, ::stride, ::stride] if subsample else y
+
+
+def _depth_folded_conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: int, pad: int,
+                       feature_group_count: int, precision: Any) -> jax.Array:
+  size, kernel_in, out_features = kernel.shape[0], kernel.shape[3], kernel.shape[4]
+  batch, depth, height, width, in_features = x.shape
+  out_depth = (depth + 2 * pad - dilation * (size - 1) - 1) // stride + 1
+  padded = jnp.pad(x, ((0, 0), (pad, pad), (0, 0), (0, 0), (0, 0)))
+  last = stride * (out_depth - 1) + 1
+  # Channel c * k + tap of output slice z holds channel c of input slice
+  # stride * z + tap * dilation - pad; channel-major keeps each feature group's channels together.
+  taps = [padded[:, tap * dilation:tap * dilation + last:stride] for tap in range(size)]
+  folded = jnp.stack(taps, axis=-1).reshape(batch * out_depth, height, width, in_features * size)
+  kernel_2d = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(size, size, kernel_in * size, out_features)
+  y = jax.lax.conv_general_dilated(
+      folded, kernel_2d,
+      window_strides=(stride, stride),
+      padding=((pad, pad),) * 2,
+      rhs_dilation=(dilation, dilation),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      feature_group_count=feature_group_count, precision=precision)
+  return y.reshape((batch, out_depth) + y.shape[1:])
+
+
 class StdConv3D(nn.Module):
   """A bias-free 3D convolution whose kernel is weight-standardised on every call.
 
-  Padding is symmetric, dilation * (kernel_size - 1) / 2 per side, so a stride-2 conv of an even
-  size gives exactly half the size and samples the same voxels as a strided 1x1 conv.
-  `subsample_stride`: compute a strided conv as a stride-1 conv read at every `stride`-th voxel,
-  the same numbers; XLA's CPU backend differentiates that ~10x faster than a strided conv.
+  `impl` and `subsample_stride` choose how `conv3d` computes it; the parameters and the numbers
+  are the same either way.
   """
 
   features: int
@@ -39,6 +104,7 @@ class StdConv3D(nn.Module):
   dilation: int = 1
   dtype: Any = jnp.float32
   subsample_stride: bool = False
+  impl: str = 'conv3d'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -46,19 +112,8 @@ class StdConv3D(nn.Module):
     shape = (self.kernel_size,) * 3 + (in_features, self.features)
     kernel = self.param('kernel', nn.initializers.he_normal(), shape, jnp.float32)
     kernel = standardize_kernel(kernel).astype(self.dtype)
-    pad = self.dilation * (self.kernel_size - 1) // 2
-    x = x.astype(self.dtype)
-    stride = self.stride
-    if stride > 1 and self.kernel_size == 1:
-      x, stride = x[:, ::stride, ::stride, ::stride], 1  # a strided 1x1 conv only reads these voxels
-    subsample = stride > 1 and self.subsample_stride
-    y = jax.lax.conv_general_dilated(
-        x, kernel,
-        window_strides=(1 if subsample else stride,) * 3,
-        padding=((pad, pad),) * 3,
-        rhs_dilation=(self.dilation,) * 3,
-        dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'))
-    return y[:, ::stride, ::stride, ::stride] if subsample else y
+    return conv3d(x.astype(self.dtype), kernel, self.stride, self.dilation, self.impl,
+                  self.subsample_stride)
 
 
 def group_norm(num_groups: int, dtype: Any, name: str | None = None) -> nn.GroupNorm:
@@ -79,16 +134,20 @@ class ResidualBlock(nn.Module):
   num_groups: int = 8
   dtype: Any = jnp.float32
   subsample_stride: bool = False
+  conv_impl: str = 'conv3d'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
+    def conv(features, kernel_size, stride, dilation, name):
+      return StdConv3D(features, kernel_size, stride, dilation, self.dtype, self.subsample_stride,
+                       self.conv_impl, name=name)
+
     residual = x
     y = nn.relu(group_norm(self.num_groups, self.dtype, name='norm1')(x))
-    y = StdConv3D(self.features, 3, self.stride, self.dilation, self.dtype,
-                  self.subsample_stride, name='conv1')(y)
+    y = conv(self.features, 3, self.stride, self.dilation, 'conv1')(y)
     y = nn.relu(group_norm(self.num_groups, self.dtype, name='norm2')(y))
-    y = StdConv3D(self.features, 3, 1, self.dilation, self.dtype, name='conv2')(y)
+    y = conv(self.features, 3, 1, self.dilation, 'conv2')(y)
     if self.stride != 1 or x.shape[-1] != self.features:
       residual = nn.relu(group_norm(self.num_groups, self.dtype, name='shortcut_norm')(x))
-      residual = StdConv3D(self.features, 1, self.stride, 1, self.dtype, name='shortcut_conv')(residual)
+      residual = conv(self.features, 1, self.stride, 1, 'shortcut_conv')(residual)
     return y + residual.astype(y.dtype)

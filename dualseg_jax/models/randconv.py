@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from dualseg_jax.errors import ConfigError
+from dualseg_jax.models import layers
 
 DEFAULT_KERNEL_SIZES = (3, 5, 7)
 # Images whose range is below this stay as they are instead of being divided by ~0.
@@ -51,19 +52,20 @@ def draw_parameters(key: jax.Array, batch_size: int, num_views: int,
   return {'kernel': kernel, 'bias': bias, 'mix': mix, 'kernel_size': kernel_size}
 
 
-def apply_parameters(images: jax.Array, parameters: dict[str, jax.Array]) -> jax.Array:
-  """Views (V, B, D, H, W, 1) of `images` (B, D, H, W, 1) under drawn random convolutions."""
+def apply_parameters(images: jax.Array, parameters: dict[str, jax.Array], conv_impl: str = 'auto'
+                     ) -> jax.Array:
+  """Views (V, B, D, H, W, 1) of `images` (B, D, H, W, 1) under drawn random convolutions.
+
+  `conv_impl` as `model.conv_impl` (`layers.conv3d`): the same numbers either way.
+  """
   kernel = parameters['kernel']
   num_views, batch_size, largest = kernel.shape[:3]
   images = images.astype(jnp.float32)
   # One grouped conv for everything: channel b of the input is sample b; group b has V outputs.
   lhs = jnp.transpose(images[..., 0], (1, 2, 3, 0))[None]  # (1, D, H, W, B)
   rhs = jnp.transpose(kernel, (2, 3, 4, 1, 0)).reshape((largest,) * 3 + (1, batch_size * num_views))
-  pad = largest // 2
-  convolved = jax.lax.conv_general_dilated(
-      lhs, rhs, window_strides=(1, 1, 1), padding=((pad, pad),) * 3,
-      dimension_numbers=('NDHWC', 'DHWIO', 'NDHWC'), feature_group_count=batch_size,
-      precision=jax.lax.Precision.HIGHEST)[0]  # (D, H, W, B * V)
+  convolved = layers.conv3d(lhs, rhs, impl=conv_impl, feature_group_count=batch_size,
+                            precision=jax.lax.Precision.HIGHEST)[0]  # (D, H, W, B * V)
   convolved = convolved.reshape(convolved.shape[:3] + (batch_size, num_views))
   convolved = jnp.transpose(convolved, (4, 3, 0, 1, 2))[..., None]  # (V, B, D, H, W, 1)
 
@@ -81,21 +83,23 @@ def apply_parameters(images: jax.Array, parameters: dict[str, jax.Array]) -> jax
   return jnp.where(is_constant, views, normalised)
 
 
-@functools.partial(jax.jit, static_argnames=('num_views', 'kernel_sizes'))
+@functools.partial(jax.jit, static_argnames=('num_views', 'kernel_sizes', 'conv_impl'))
 def random_views_with_parameters(key: jax.Array, images: jax.Array, num_views: int = 2,
-                                 kernel_sizes: tuple[int, ...] = DEFAULT_KERNEL_SIZES
+                                 kernel_sizes: tuple[int, ...] = DEFAULT_KERNEL_SIZES,
+                                 conv_impl: str = 'auto'
                                  ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
   """`random_views` plus the drawn parameters (kernel, bias, mix, kernel_size per view and sample)."""
   kernel_sizes = tuple(kernel_sizes)
   parameters = draw_parameters(key, images.shape[0], num_views, kernel_sizes)
-  views = apply_parameters(images, parameters)
+  views = apply_parameters(images, parameters, conv_impl)
   return [views[index] for index in range(num_views)], parameters
 
 
 def random_views(key: jax.Array, images: jax.Array, num_views: int = 2,
-                 kernel_sizes: tuple[int, ...] = DEFAULT_KERNEL_SIZES) -> list[jax.Array]:
+                 kernel_sizes: tuple[int, ...] = DEFAULT_KERNEL_SIZES, conv_impl: str = 'auto'
+                 ) -> list[jax.Array]:
   """`num_views` RandConv views of `images` (B, D, H, W, 1), each (B, D, H, W, 1) in [0, 1]."""
-  views, _ = random_views_with_parameters(key, images, num_views, tuple(kernel_sizes))
+  views, _ = random_views_with_parameters(key, images, num_views, tuple(kernel_sizes), conv_impl)
   return views
 
 

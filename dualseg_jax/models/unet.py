@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dualseg_jax.errors import ConfigError
-from dualseg_jax.models.layers import ResidualBlock, StdConv3D, group_norm
+from dualseg_jax.models.layers import ResidualBlock, StdConv3D, group_norm, resolve_conv_impl
 
 NUM_LEVELS = 4
 DOWNSAMPLE_FACTOR = 2 ** (NUM_LEVELS - 1)
@@ -65,6 +65,7 @@ class DualTaskUNet(nn.Module):
   dtype: Any = jnp.float32
   remat: bool = False
   subsample_stride: bool = False
+  conv_impl: str = 'conv3d'
 
   @nn.compact
   def __call__(self, images: jax.Array, train: bool = False) -> dict[str, jax.Array]:
@@ -75,9 +76,9 @@ class DualTaskUNet(nn.Module):
 
     def block(features, stride, dilation, name):
       return block_class(features, stride, dilation, self.num_groups, self.dtype,
-                         self.subsample_stride, name=name)
+                         self.subsample_stride, self.conv_impl, name=name)
 
-    x = StdConv3D(self.widths[0], 3, dtype=self.dtype, name='stem')(images)
+    x = StdConv3D(self.widths[0], 3, dtype=self.dtype, impl=self.conv_impl, name='stem')(images)
     skips = []
     for level, (width, num_blocks) in enumerate(zip(self.widths, self.blocks)):
       for index in range(num_blocks):
@@ -93,7 +94,7 @@ class DualTaskUNet(nn.Module):
 
     x = nn.relu(group_norm(self.num_groups, self.dtype, name='fusion_norm')(bottleneck))
     x = nn.Dropout(self.dropout, broadcast_dims=(1, 2, 3), deterministic=not train)(x)
-    x = StdConv3D(self.fusion_width, 1, dtype=self.dtype, name='fusion_conv')(x)
+    x = StdConv3D(self.fusion_width, 1, dtype=self.dtype, impl=self.conv_impl, name='fusion_conv')(x)
     for stage, width in enumerate(self.decoder_widths):
       x = _upsample_nearest(x) + skips[NUM_LEVELS - 2 - stage]
       x = block(width, 1, 1, f'decoder{stage}_block')(x)
@@ -173,7 +174,8 @@ def build_model(model_config: ml_collections.ConfigDict) -> DualTaskUNet:
       slice_hidden=model_config.slice_hidden,
       dtype=_DTYPES[model_config.dtype],
       remat=model_config.remat,
-      subsample_stride=model_config.subsample_stride)
+      subsample_stride=model_config.subsample_stride,
+      conv_impl=resolve_conv_impl(model_config.conv_impl))
 
 
 def init_variables(model: nn.Module, rng: jax.Array, input_shape: tuple[int, ...]) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any
@@ -12,6 +13,7 @@ import ml_collections
 import numpy as np
 
 from dualseg_jax.data import targets
+from dualseg_jax.models import layers
 from dualseg_jax.train import step as step_lib
 
 
@@ -71,9 +73,56 @@ def benchmark_step(config: ml_collections.ConfigDict, repeats: int = 10, warmup:
   return {
       'what': 'step', 'device': device.device_kind, 'platform': device.platform,
       'preset': config.preset, 'patch_size': list(patch_size), 'batch_size': config.data.batch_size,
-      'views': views, 'dtype': config.model.dtype, 'step_time_ms': round(median_ms, 2),
+      'views': views, 'dtype': config.model.dtype,
+      'conv_impl': layers.resolve_conv_impl(config.model.conv_impl), 'remat': bool(config.model.remat),
+      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'step_time_ms': round(median_ms, 2),
       'step_time_ms_min': round(min(times_ms), 2), 'repeats': repeats,
       'voxels_per_s': round(voxels / (median_ms / 1e3)), 'compile_s': round(compile_s, 1),
       'peak_memory_gb': None if peak is None else round(peak / 1e9, 2),
       'loss_finite': bool(jnp.isfinite(metrics['loss'])),
+  }
+
+
+def benchmark_training(config: ml_collections.ConfigDict, steps: int = 60, repeats: int = 10,
+                       workdir: str | None = None) -> dict[str, Any]:
+  """Steady-state steps/s of a real training run against the bare step on the same config.
+
+  The run is `train.loop.train_and_evaluate` as a user starts it (loader workers, device
+  augmentation, metrics one step late, the progress bar, a log row every `train.log_every` steps)
+  without validation and with one checkpoint at the end. Its rate is the median of the logged
+  windows after the first one (which holds the compile). The bare step is `benchmark_step`.
+  """
+  import pathlib
+  import tempfile
+
+  from dualseg_jax.train import loop
+  from dualseg_jax.train import reporting
+  config = config.copy_and_resolve_references()
+  log_every = int(config.train.log_every)
+  if steps < 3 * log_every:
+    raise ValueError(f'--train_steps={steps}: need at least 3 log windows of train.log_every='
+                     f'{log_every} steps (the first one holds the compile)')
+  config.train.steps = steps
+  config.train.eval_every = 0
+  config.train.checkpoint_every = steps
+  config.train.evaluate_test_center = False
+  with tempfile.TemporaryDirectory(prefix='dualseg_bench_') as scratch:
+    run_dir = workdir or scratch
+    result = loop.train_and_evaluate(config, run_dir, overwrite=True)
+    rows = [row for row in reporting.MetricsLog.read(pathlib.Path(run_dir) / 'metrics.jsonl')
+            if 'steps_per_s' in row]
+  rates = [row['steps_per_s'] for row in rows[1:]]
+  train_rate = statistics.median(rates)
+  bare = benchmark_step(config, repeats=repeats)
+  bare_rate = 1e3 / bare['step_time_ms']
+  return {
+      'what': 'train', 'device': bare['device'], 'platform': bare['platform'],
+      'preset': config.preset, 'patch_size': bare['patch_size'], 'batch_size': bare['batch_size'],
+      'views': bare['views'], 'dtype': config.model.dtype, 'steps': result.final_step,
+      'log_every': log_every, 'num_workers': int(config.data.num_workers),
+      'train_steps_per_s': round(train_rate, 3),
+      'train_steps_per_s_windows': [round(rate, 3) for rate in rates],
+      'bare_steps_per_s': round(bare_rate, 3), 'bare_step_time_ms': bare['step_time_ms'],
+      'train_over_bare': round(train_rate / bare_rate, 3),
+      'within_10_percent': bool(train_rate >= 0.9 * bare_rate),
   }

@@ -58,13 +58,13 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
-def make_views(key: jax.Array, images: jax.Array,
-               augment_config: ml_collections.ConfigDict) -> list[jax.Array]:
+def make_views(key: jax.Array, images: jax.Array, augment_config: ml_collections.ConfigDict,
+               conv_impl: str = 'auto') -> list[jax.Array]:
   """RandConv views when `augment.num_views` > 1, else the image itself as the only view."""
   if augment_config.num_views == 1:
     return [images]
   return randconv.random_views(key, images, augment_config.num_views,
-                               tuple(augment_config.randconv_kernel_sizes))
+                               tuple(augment_config.randconv_kernel_sizes), conv_impl)
 
 
 def split_views(outputs: dict[str, jax.Array], num_views: int) -> list[dict[str, jax.Array]]:
@@ -99,7 +99,7 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
     augment_key, view_key, dropout_key = jax.random.split(sampling_key, 3)
     if augment_fn is not None:
       batch = augment_fn(augment_key, batch)
-    view_images = make_views(view_key, batch['image'], config.augment)
+    view_images = make_views(view_key, batch['image'], config.augment, config.model.conv_impl)
     # All views share one forward pass: a batch of V * B.
     network_input = jnp.concatenate(view_images, axis=0)
 
@@ -109,18 +109,22 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
       return loss_fn(split_views(outputs, len(view_images)), batch, loss_config, state.step)
 
     (loss, loss_metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
-    updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & _all_finite(grads)
 
-    def keep_old_when_bad(new, old):
-      return jax.tree.map(lambda new_leaf, old_leaf: jnp.where(finite, new_leaf, old_leaf), new, old)
+    def apply_update():
+      updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+      return optax.apply_updates(state.params, updates), new_opt_state
 
+    # A non-finite loss or gradient leaves parameters and optimizer state as they were. A
+    # conditional instead of a select per leaf: XLA's CPU backend compiles the selects over every
+    # parameter and Adam moment in about as long as the whole network's gradient.
+    new_params, new_opt_state = jax.lax.cond(finite, apply_update,
+                                             lambda: (state.params, state.opt_state))
     bad = jnp.logical_not(finite).astype(jnp.int32)
     new_state = state.replace(
         step=state.step + 1,
-        params=keep_old_when_bad(new_params, state.params),
-        opt_state=keep_old_when_bad(new_opt_state, state.opt_state),
+        params=new_params,
+        opt_state=new_opt_state,
         bad_steps=(state.bad_steps + 1) * bad,
         total_bad_steps=state.total_bad_steps + bad)
     metrics = dict(loss_metrics)

@@ -22,8 +22,10 @@ def numpy_view(image, kernel, bias, mix):
   return (view - view.min()) / (view.max() - view.min())
 
 
-def test_views_match_a_scipy_reimplementation(images):
-  views, parameters = randconv.random_views_with_parameters(jax.random.PRNGKey(1), images, 2, (3, 5, 7))
+@pytest.mark.parametrize('conv_impl', ['conv3d', 'depth_folded'])
+def test_views_match_a_scipy_reimplementation(images, conv_impl):
+  views, parameters = randconv.random_views_with_parameters(jax.random.PRNGKey(1), images, 2, (3, 5, 7),
+                                                            conv_impl)
   assert len(views) == 2
   for view_index, view in enumerate(views):
     assert view.shape == images.shape and view.dtype == jnp.float32

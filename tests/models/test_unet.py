@@ -54,10 +54,12 @@ def numpy_convolution(x, kernel, stride, dilation):
   return out
 
 
-@pytest.mark.parametrize('kernel_size, stride, dilation', [(3, 1, 1), (3, 2, 1), (3, 1, 2), (1, 2, 1)])
-def test_std_conv_matches_numpy_with_standardised_kernel(kernel_size, stride, dilation):
+@pytest.mark.parametrize('impl', layers.CONV_IMPLS)
+@pytest.mark.parametrize('kernel_size, stride, dilation', [(3, 1, 1), (3, 2, 1), (3, 1, 2), (1, 2, 1), (5, 2, 1)])
+def test_std_conv_matches_numpy_with_standardised_kernel(kernel_size, stride, dilation, impl):
   x = np.random.default_rng(1).normal(size=(2, 8, 6, 4, 3)).astype(np.float32)
-  conv = layers.StdConv3D(features=5, kernel_size=kernel_size, stride=stride, dilation=dilation)
+  conv = layers.StdConv3D(features=5, kernel_size=kernel_size, stride=stride, dilation=dilation,
+                          impl=impl)
   variables = conv.init(jax.random.PRNGKey(0), x)
   kernel = np.asarray(variables['params']['kernel'], np.float64)
   assert set(variables['params']) == {'kernel'}  # no bias
@@ -205,19 +207,59 @@ def test_mismatched_widths_name_the_keys(tiny_model_config):
     models.build_model(model_config)
 
 
-def test_subsampled_stride_computes_the_same_network():
-  """The CPU presets' stride-1-then-subsample convs give the strided network's numbers."""
+def test_grouped_depth_folded_conv_matches_numpy_per_group():
+  """RandConv's form: one input channel per group, several outputs per group, a 7^3 kernel."""
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(1, 6, 7, 5, 2)).astype(np.float32)
+  kernel = rng.normal(size=(7, 7, 7, 1, 6)).astype(np.float32)
+  got = np.asarray(layers.conv3d(jnp.asarray(x), jnp.asarray(kernel), impl='depth_folded',
+                                 feature_group_count=2))
+  for group in range(2):
+    expected = numpy_convolution(x[..., group:group + 1].astype(np.float64),
+                                 kernel[..., 3 * group:3 * group + 3].astype(np.float64), 1, 1)
+    np.testing.assert_allclose(got[..., 3 * group:3 * group + 3], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_conv_impl_is_a_config_error(tiny_model_config):
+  model_config = tiny_model_config.copy_and_resolve_references()
+  model_config.conv_impl = 'winograd'
+  with pytest.raises(ConfigError, match='model.conv_impl'):
+    models.build_model(model_config)
+
+
+@pytest.mark.parametrize('subsample_stride, conv_impl', [(True, 'conv3d'), (False, 'depth_folded')])
+def test_conv_impls_compute_the_same_network_and_gradients(subsample_stride, conv_impl):
+  """Stride-1-then-subsample and depth-folded convs give the strided 3D network's outputs and
+  parameter gradients."""
   from dualseg_jax import config_base
   model_config = config_base.base_config().model
   model_config.widths, model_config.blocks = (4, 8, 8, 8), (1, 1, 1, 1)
   model_config.dilated_blocks, model_config.fusion_width = 1, 8
   model_config.embedding_dim, model_config.decoder_widths, model_config.num_groups = 4, (8, 4, 4), 2
+  model_config.conv_impl = 'conv3d'
   images = jax.random.uniform(jax.random.PRNGKey(1), (1, 16, 32, 24, 1))
-  strided = models.build_model(model_config)
-  variables = models.init_variables(strided, jax.random.PRNGKey(0), images.shape)
-  model_config.subsample_stride = True
-  subsampled = models.build_model(model_config)
-  expected = strided.apply(variables, images, train=False)
-  got = subsampled.apply(variables, images, train=False)
+  reference = models.build_model(model_config)
+  variables = models.init_variables(reference, jax.random.PRNGKey(0), images.shape)
+  model_config.subsample_stride, model_config.conv_impl = subsample_stride, conv_impl
+  other = models.build_model(model_config)
+
+  def outputs_and_gradients(model):
+    def loss(params):
+      outputs = model.apply({**variables, 'params': params}, images, train=False)
+      return jnp.mean(outputs['logits'] ** 2) + jnp.mean(outputs['sdf']), outputs
+    return jax.jit(jax.grad(loss, has_aux=True))(variables['params'])
+
+  expected_gradients, expected = outputs_and_gradients(reference)
+  got_gradients, got = outputs_and_gradients(other)
   for name in ('logits', 'sdf', 'embedding'):
     np.testing.assert_allclose(np.asarray(got[name]), np.asarray(expected[name]), rtol=1e-4, atol=1e-5)
+  for path, value in jax.tree_util.tree_leaves_with_path(expected_gradients):
+    scale = float(jnp.max(jnp.abs(value))) + 1e-6
+    difference = float(jnp.max(jnp.abs(_leaf(got_gradients, path) - value)))
+    assert difference <= 1e-3 * scale, (jax.tree_util.keystr(path), difference, scale)
+
+
+def _leaf(tree, path):
+  for key in path:
+    tree = tree[key.key]
+  return tree

@@ -74,7 +74,8 @@ def benchmark_step(config: ml_collections.ConfigDict, repeats: int = 10, warmup:
       'what': 'step', 'device': device.device_kind, 'platform': device.platform,
       'preset': config.preset, 'patch_size': list(patch_size), 'batch_size': config.data.batch_size,
       'views': views, 'dtype': config.model.dtype,
-      'conv_impl': layers.resolve_conv_impl(config.model.conv_impl), 'remat': bool(config.model.remat),
+      'conv_impl': layers.resolve_conv_impl(config.model.conv_impl),
+      'subsample_stride': bool(config.model.subsample_stride), 'remat': bool(config.model.remat),
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'step_time_ms': round(median_ms, 2),
       'step_time_ms_min': round(min(times_ms), 2), 'repeats': repeats,
       'voxels_per_s': round(voxels / (median_ms / 1e3)), 'compile_s': round(compile_s, 1),
@@ -92,7 +93,9 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 60, repea
   without validation and with one checkpoint at the end. Its rate is the median of the logged
   windows after the first one (which holds the compile). The bare step is `benchmark_step`.
   """
+  import contextlib
   import pathlib
+  import sys
   import tempfile
 
   from dualseg_jax.train import loop
@@ -108,7 +111,9 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 60, repea
   config.train.evaluate_test_center = False
   with tempfile.TemporaryDirectory(prefix='dualseg_bench_') as scratch:
     run_dir = workdir or scratch
-    result = loop.train_and_evaluate(config, run_dir, overwrite=True)
+    # The run's own summary goes to stderr: stdout carries only the benchmark's JSON rows.
+    with contextlib.redirect_stdout(sys.stderr):
+      result = loop.train_and_evaluate(config, run_dir, overwrite=True)
     rows = [row for row in reporting.MetricsLog.read(pathlib.Path(run_dir) / 'metrics.jsonl')
             if 'steps_per_s' in row]
   rates = [row['steps_per_s'] for row in rows[1:]]

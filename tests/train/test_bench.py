@@ -1,0 +1,39 @@
+"""`launch.bench`'s rows on the tiny preset: a training run against the bare step, the loader."""
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import tiny_run_config
+from dualseg_jax import bench
+
+
+def test_training_run_is_measured_against_the_bare_step(phantom_root, capsys):
+  config = tiny_run_config(phantom_root, steps=3)
+  [row] = list(bench.run('train', config, repeats=2, train_steps=3))
+  assert capsys.readouterr().out == ''  # stdout is left to the JSON rows
+  json.dumps(row)
+  assert row['what'] == 'train' and row['steps'] == 3 and row['log_every'] == 1
+  # Three log windows of one step each; the first holds the compile and is left out.
+  assert len(row['train_steps_per_s_windows']) == 2
+  assert row['train_steps_per_s'] > 0 and row['bare_steps_per_s'] > 0
+  assert math.isclose(row['train_over_bare'], row['train_steps_per_s'] / row['bare_steps_per_s'],
+                      rel_tol=0.01)
+  assert row['within_10_percent'] == (row['train_over_bare'] >= 0.9)
+  assert row['bare_step_time_ms'] > 0 and row['patch_size'] == list(config.data.patch_size)
+
+
+def test_too_few_steps_for_a_steady_state_name_the_flag(phantom_root):
+  config = tiny_run_config(phantom_root, steps=3)
+  config.train.log_every = 2
+  with pytest.raises(ValueError, match='--train_steps=5'):
+    list(bench.run('train', config, train_steps=5))
+
+
+def test_step_row_names_the_device_and_how_the_convs_ran(phantom_root):
+  config = tiny_run_config(phantom_root, steps=3)
+  [row] = list(bench.run('step', config, repeats=2))
+  assert row['what'] == 'step' and row['device'] and row['loss_finite']
+  assert row['conv_impl'] == 'depth_folded'  # 'auto' on the CPU backend
+  assert row['voxels_per_s'] > 0 and row['compile_s'] > 0

@@ -46,7 +46,7 @@ def phantom_root(tmp_path_factory):
 def tiny_run_config(root, steps, **overrides):
   """The tiny preset training on 2 phantom cases per center in `root`, global batch 2, without
   validation or held-out evaluation (they dominate a tiny run's time); `overrides` maps
-  'section.key' to a value."""
+  'section.key' or a top-level 'key' to a value."""
   from configs import three_center
   config = three_center.get_config('tiny')
   config.data.root = str(root)
@@ -57,6 +57,6 @@ def tiny_run_config(root, steps, **overrides):
   config.train.eval_every = 0
   config.train.evaluate_test_center = False
   for key, value in overrides.items():
-    section, name = key.split('.')
-    config[section][name] = value
+    *section, name = key.split('.')
+    (config[section[0]] if section else config)[name] = value
   return config

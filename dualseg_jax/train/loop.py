@@ -30,10 +30,12 @@ from dualseg_jax.train import validate as validate_lib
 
 log = logging.getLogger('dualseg_jax')
 
-# Keys that may differ between a run and its resumption without changing what it computes.
+# Keys that may differ between a run and its resumption without changing what it computes; the
+# model's compute choices (how convolutions run, remat) give the same numbers up to rounding.
 _RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
                       'train.keep_checkpoints', 'train.tensorboard', 'train.evaluate_test_center',
-                      'data.num_workers', 'data.prefetch', 'inference')
+                      'data.num_workers', 'data.prefetch', 'inference', 'model.conv_impl',
+                      'model.subsample_stride', 'model.remat')
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:

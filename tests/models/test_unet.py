@@ -149,7 +149,7 @@ def test_outputs_start_near_the_foreground_prior_and_the_sdf_unsaturated(preset)
   shape = (1, 16, 32, 32, 1)
   variables = models.init_variables(model, jax.random.key(0), shape)
   images = jax.random.uniform(jax.random.key(1), shape)
-  outputs = model.apply(variables, images, train=False)
+  outputs = jax.jit(functools.partial(model.apply, train=False))(variables, images)
   probabilities = jax.nn.sigmoid(outputs['logits'])
   assert float(jnp.std(outputs['logits'])) < 2.0
   assert abs(float(jnp.median(probabilities)) - config.model.foreground_prior) < 0.03

@@ -100,12 +100,13 @@ def test_batch_not_divisible_by_devices_is_a_clear_error(phantom_root, tmp_path)
 
 
 def test_resuming_with_a_different_config_is_refused(phantom_root, tmp_path):
-  loop.train_and_evaluate(_config(phantom_root, steps=1), tmp_path / 'run')
-  changed = _config(phantom_root, steps=2, **{'optim.learning_rate': 0.5})
-  with pytest.raises(ConfigError, match='optim.learning_rate'):
+  # Runs of 3 steps and a changed seed: the compiled step of the 3-step test above serves all.
+  loop.train_and_evaluate(_config(phantom_root, steps=3), tmp_path / 'run', stop_at_step=1)
+  changed = _config(phantom_root, steps=3, **{'seed': 7})
+  with pytest.raises(ConfigError, match='seed'):
     loop.train_and_evaluate(changed, tmp_path / 'run')
   result = loop.train_and_evaluate(changed, tmp_path / 'run', overwrite=True)
-  assert result.final_step == 2
+  assert result.final_step == 3
 
 
 @pytest.mark.parametrize('key, value, message', [
@@ -119,3 +120,12 @@ def test_impossible_configs_fail_before_any_work(tmp_path, key, value, message):
   with pytest.raises(ConfigError, match=message):
     loop.train_and_evaluate(config, tmp_path / 'run')
   assert not (tmp_path / 'never_generated').exists()
+
+
+def test_compute_choices_may_change_on_resume_but_the_recipe_may_not():
+  saved = {'model': {'conv_impl': 'conv3d', 'remat': False, 'widths': [4, 8]}, 'train': {'steps': 3}}
+  current = {'model': {'conv_impl': 'depth_folded', 'remat': True, 'widths': [4, 8]},
+             'train': {'steps': 6}}
+  assert loop.config_differences(saved, current) == []
+  current['model']['widths'] = [4, 16]
+  assert loop.config_differences(saved, current) == ["model.widths: run has [4, 8], now [4, 16]"]

@@ -1,30 +1,39 @@
 #!/usr/bin/env bash
 # Every GPU measurement as one command (one line of JSON each), for an H100/H200 machine:
-#   bash launch/gpu_checks.sh [targets|levers|all] > gpu_checks.jsonl
-# targets: issue 8's numbers at METHOD.md's shapes (2 views of one 80x224x224 patch): the bf16 and
-#          fp32 steps with peak memory, a training run against the bare step, the loader at paper
-#          scale, 100x512x512 inference with and without the 8 flips.
-# levers:  the bf16 step with one change at a time: depth-folded convs, remat, XLA autotuning off,
-#          cuDNN GEMM fusions, CUDA graphs off; and the smaller 64x160x160 patch.
-# Each line runs in its own process under a time limit, so one failure costs only its own row.
+#   bash launch/gpu_checks.sh [step] [run] [levers] > gpu_checks.jsonl     (no group: all three)
+# step:   issue 8's step at METHOD.md's shapes (2 views of one 80x224x224 patch), bf16 and fp32,
+#         with peak memory and compile time (~3 min).
+# run:    a 60-step training run against the bare step, the loader at paper scale, 100x512x512
+#         inference with and without the 8 flips; the first run generates the phantoms (~7 min).
+# levers: the bf16 step with one change at a time: depth-folded convs, remat, XLA autotuning off,
+#         cuDNN GEMM fusions, CUDA graphs off; and the smaller 64x160x160 patch (~8 min).
+# Each line runs in its own process under a time limit, so a failure costs only its own row.
+# Compiled programs are shared between the lines through a fresh cache, so a line that repeats an
+# earlier line's program (the training run's bare step) does not compile it again.
 set -uo pipefail
-group=${1:-all}
+groups=("$@")
+[[ ${#groups[@]} -eq 0 ]] && groups=(step run levers)
 config=configs/three_center.py:paper
 limit=${GPU_CHECK_LIMIT_S:-300}
+export JAX_COMPILATION_CACHE_DIR=$(mktemp -d)
 bench() { timeout "$limit" python -m launch.bench --config=$config "$@" || echo "{\"failed\": \"$*\"}"; }
 python -c 'import jax; print({"devices": [d.device_kind for d in jax.devices()], "jax": jax.__version__})'
-if [[ $group == targets || $group == all ]]; then
-  bench --what=step --config.model.dtype=bfloat16 --repeats=20
-  bench --what=step --config.model.dtype=float32 --repeats=10
-  bench --what=train --config.model.dtype=bfloat16 --train_steps=60 --repeats=20
-  bench --what=loader --loader_batches=50
-  bench --what=inference --config.model.dtype=bfloat16 --inference_shape=100,512,512
-fi
-if [[ $group == levers || $group == all ]]; then
-  bench --what=step --config.model.dtype=bfloat16 --config.model.conv_impl=depth_folded --repeats=20
-  bench --what=step --config.model.dtype=bfloat16 --config.model.remat=True --repeats=20
-  XLA_FLAGS=--xla_gpu_autotune_level=0 bench --what=step --config.model.dtype=bfloat16 --repeats=20
-  XLA_FLAGS=--xla_gpu_cudnn_gemm_fusion_level=2 bench --what=step --config.model.dtype=bfloat16 --repeats=20
-  XLA_FLAGS=--xla_gpu_enable_command_buffer= bench --what=step --config.model.dtype=bfloat16 --repeats=20
-  bench --what=step --config.data.patch_size='(64,160,160)' --config.model.dtype=bfloat16 --repeats=20
-fi
+for group in "${groups[@]}"; do
+  case $group in
+    step)
+      bench --what=step --config.model.dtype=bfloat16 --repeats=20
+      bench --what=step --config.model.dtype=float32 --repeats=10 ;;
+    run)
+      limit=540 bench --what=train --config.model.dtype=bfloat16 --train_steps=60 --repeats=20
+      bench --what=loader --loader_batches=50
+      bench --what=inference --config.model.dtype=bfloat16 --inference_shape=100,512,512 ;;
+    levers)
+      bench --what=step --config.model.dtype=bfloat16 --config.model.conv_impl=depth_folded --repeats=20
+      bench --what=step --config.model.dtype=bfloat16 --config.model.remat=True --repeats=20
+      XLA_FLAGS=--xla_gpu_autotune_level=0 bench --what=step --config.model.dtype=bfloat16 --repeats=20
+      XLA_FLAGS=--xla_gpu_cudnn_gemm_fusion_level=2 bench --what=step --config.model.dtype=bfloat16 --repeats=20
+      XLA_FLAGS=--xla_gpu_enable_command_buffer= bench --what=step --config.model.dtype=bfloat16 --repeats=20
+      bench --what=step --config.data.patch_size='(64,160,160)' --config.model.dtype=bfloat16 --repeats=20 ;;
+    *) echo "unknown group $group: choose step, run or levers" >&2; exit 2 ;;
+  esac
+done

@@ -84,13 +84,13 @@ def benchmark_step(config: ml_collections.ConfigDict, repeats: int = 10, warmup:
   }
 
 
-def benchmark_training(config: ml_collections.ConfigDict, steps: int = 60, repeats: int = 10,
-                       workdir: str | None = None) -> dict[str, Any]:
+def benchmark_training(config: ml_collections.ConfigDict, steps: int = 60, repeats: int = 10
+                       ) -> dict[str, Any]:
   """Steady-state steps/s of a real training run against the bare step on the same config.
 
   The run is `train.loop.train_and_evaluate` as a user starts it (loader workers, device
   augmentation, metrics one step late, the progress bar, a log row every `train.log_every` steps)
-  without validation and with one checkpoint at the end. Its rate is the median of the logged
+  without validation and with one checkpoint at the end, in a temporary folder. Its rate is the median of the logged
   windows after the first one (which holds the compile). The bare step is `benchmark_step`.
   """
   import contextlib
@@ -109,11 +109,10 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 60, repea
   config.train.eval_every = 0
   config.train.checkpoint_every = steps
   config.train.evaluate_test_center = False
-  with tempfile.TemporaryDirectory(prefix='dualseg_bench_') as scratch:
-    run_dir = workdir or scratch
+  with tempfile.TemporaryDirectory(prefix='dualseg_bench_') as run_dir:
     # The run's own summary goes to stderr: stdout carries only the benchmark's JSON rows.
     with contextlib.redirect_stdout(sys.stderr):
-      result = loop.train_and_evaluate(config, run_dir, overwrite=True)
+      result = loop.train_and_evaluate(config, run_dir)
     rows = [row for row in reporting.MetricsLog.read(pathlib.Path(run_dir) / 'metrics.jsonl')
             if 'steps_per_s' in row]
   rates = [row['steps_per_s'] for row in rows[1:]]

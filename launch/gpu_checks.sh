@@ -2,11 +2,12 @@
 # Every GPU measurement as one command (one line of JSON each), for an H100/H200 machine:
 #   bash launch/gpu_checks.sh [step] [run] [levers] > gpu_checks.jsonl     (no group: all three)
 # step:   issue 8's step at METHOD.md's shapes (2 views of one 80x224x224 patch), bf16 and fp32,
-#         with peak memory and compile time (~3 min).
+#         with peak memory and compile time.
 # run:    a 60-step training run against the bare step, the loader at paper scale, 100x512x512
-#         inference with and without the 8 flips; the first run generates the phantoms (~7 min).
+#         inference with and without the 8 flips; the first run generates the phantoms.
 # levers: the bf16 step with one change at a time: depth-folded convs, remat, XLA autotuning off,
-#         cuDNN GEMM fusions, CUDA graphs off; and the smaller 64x160x160 patch (~8 min).
+#         cuDNN GEMM fusions, CUDA graphs off; and the smaller 64x160x160 patch.
+# Run one or two groups per device call: each line compiles the paper network afresh.
 # Each line runs in its own process under a time limit, so a failure costs only its own row.
 # Compiled programs are shared between the lines through a fresh cache, so a line that repeats an
 # earlier line's program (the training run's bare step) does not compile it again.

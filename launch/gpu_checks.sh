@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement as one command (one line of JSON each), for an H100/H200 machine:
 #   bash launch/gpu_checks.sh [step] [run] [levers] > gpu_checks.jsonl     (no group: all three)
-# step:   issue 8's step at METHOD.md's shapes (2 views of one 80x224x224 patch), bf16 and fp32,
+# step:   the training step at METHOD.md's shapes (2 views of one 80x224x224 patch), bf16 and fp32,
 #         with peak memory and compile time.
 # run:    a 60-step training run against the bare step, the loader at paper scale, 100x512x512
 #         inference with and without the 8 flips; the first run generates the phantoms.

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pathlib
 import statistics
+import sys
+import tempfile
 import time
 from typing import Any
 
@@ -90,14 +94,10 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 60, repea
 
   The run is `train.loop.train_and_evaluate` as a user starts it (loader workers, device
   augmentation, metrics one step late, the progress bar, a log row every `train.log_every` steps)
-  without validation and with one checkpoint at the end, in a temporary folder. Its rate is the median of the logged
-  windows after the first one (which holds the compile). The bare step is `benchmark_step`.
+  without validation and with one checkpoint at the end, in a temporary folder. Its rate is the
+  median of the logged windows after the first one (which holds the compile). The bare step is
+  `benchmark_step` on one device, so the two compare on a one-device machine.
   """
-  import contextlib
-  import pathlib
-  import sys
-  import tempfile
-
   from dualseg_jax.train import loop
   from dualseg_jax.train import reporting
   config = config.copy_and_resolve_references()

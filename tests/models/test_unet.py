@@ -55,7 +55,8 @@ def numpy_convolution(x, kernel, stride, dilation):
 
 
 @pytest.mark.parametrize('impl', layers.CONV_IMPLS)
-@pytest.mark.parametrize('kernel_size, stride, dilation', [(3, 1, 1), (3, 2, 1), (3, 1, 2), (1, 2, 1), (5, 2, 1)])
+@pytest.mark.parametrize('kernel_size, stride, dilation',
+                         [(3, 1, 1), (3, 2, 1), (3, 1, 2), (1, 2, 1), (5, 2, 1)])
 def test_std_conv_matches_numpy_with_standardised_kernel(kernel_size, stride, dilation, impl):
   x = np.random.default_rng(1).normal(size=(2, 8, 6, 4, 3)).astype(np.float32)
   conv = layers.StdConv3D(features=5, kernel_size=kernel_size, stride=stride, dilation=dilation,

@@ -94,7 +94,7 @@ def _depth_folded_conv(x: jax.Array, kernel: jax.Array, stride: int, dilation: i
 class StdConv3D(nn.Module):
   """A bias-free 3D convolution whose kernel is weight-standardised on every call.
 
-  `impl` and `subsample_stride` choose how `conv3d` computes it; the parameters and the numbers
+  `conv_impl` and `subsample_stride` choose how `conv3d` computes it; the parameters and the numbers
   are the same either way.
   """
 
@@ -104,7 +104,7 @@ class StdConv3D(nn.Module):
   dilation: int = 1
   dtype: Any = jnp.float32
   subsample_stride: bool = False
-  impl: str = 'conv3d'
+  conv_impl: str = 'conv3d'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -112,7 +112,7 @@ class StdConv3D(nn.Module):
     shape = (self.kernel_size,) * 3 + (in_features, self.features)
     kernel = self.param('kernel', nn.initializers.he_normal(), shape, jnp.float32)
     kernel = standardize_kernel(kernel).astype(self.dtype)
-    return conv3d(x.astype(self.dtype), kernel, self.stride, self.dilation, self.impl,
+    return conv3d(x.astype(self.dtype), kernel, self.stride, self.dilation, self.conv_impl,
                   self.subsample_stride)
 
 

@@ -78,7 +78,7 @@ class DualTaskUNet(nn.Module):
       return block_class(features, stride, dilation, self.num_groups, self.dtype,
                          self.subsample_stride, self.conv_impl, name=name)
 
-    x = StdConv3D(self.widths[0], 3, dtype=self.dtype, impl=self.conv_impl, name='stem')(images)
+    x = StdConv3D(self.widths[0], 3, dtype=self.dtype, conv_impl=self.conv_impl, name='stem')(images)
     skips = []
     for level, (width, num_blocks) in enumerate(zip(self.widths, self.blocks)):
       for index in range(num_blocks):
@@ -94,7 +94,7 @@ class DualTaskUNet(nn.Module):
 
     x = nn.relu(group_norm(self.num_groups, self.dtype, name='fusion_norm')(bottleneck))
     x = nn.Dropout(self.dropout, broadcast_dims=(1, 2, 3), deterministic=not train)(x)
-    x = StdConv3D(self.fusion_width, 1, dtype=self.dtype, impl=self.conv_impl, name='fusion_conv')(x)
+    x = StdConv3D(self.fusion_width, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='fusion_conv')(x)
     for stage, width in enumerate(self.decoder_widths):
       x = _upsample_nearest(x) + skips[NUM_LEVELS - 2 - stage]
       x = block(width, 1, 1, f'decoder{stage}_block')(x)

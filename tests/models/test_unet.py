@@ -60,7 +60,7 @@ def numpy_convolution(x, kernel, stride, dilation):
 def test_std_conv_matches_numpy_with_standardised_kernel(kernel_size, stride, dilation, impl):
   x = np.random.default_rng(1).normal(size=(2, 8, 6, 4, 3)).astype(np.float32)
   conv = layers.StdConv3D(features=5, kernel_size=kernel_size, stride=stride, dilation=dilation,
-                          impl=impl)
+                          conv_impl=impl)
   variables = conv.init(jax.random.PRNGKey(0), x)
   kernel = np.asarray(variables['params']['kernel'], np.float64)
   assert set(variables['params']) == {'kernel'}  # no bias

@@ -1,5 +1,5 @@
 """One entry for every benchmark: the train step, a training run against it, the input pipeline,
-whole-volume inference."""
+the agreement of the SDF and mask targets, whole-volume inference."""
 
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ def run(what: str, config: ml_collections.ConfigDict, repeats: int = 10,
   elif what == 'loader':
     from dualseg_jax.data import bench as loader_bench
     yield loader_bench.benchmark_loader(config, num_batches=loader_batches)
+  elif what == 'targets':
+    from dualseg_jax.data import bench as loader_bench
+    yield loader_bench.target_agreement(config, num_batches=loader_batches)
   elif what == 'inference':
     from dualseg_jax.inference import bench as inference_bench
     kwargs = {'shape': inference_shape} if inference_shape else {}
     yield from inference_bench.benchmark_inference(config, **kwargs)
   else:
-    raise ValueError(f'unknown benchmark {what!r}: choose step, train, loader or inference')
+    raise ValueError(f'unknown benchmark {what!r}: choose step, train, loader, targets or inference')

@@ -48,7 +48,11 @@ def base_config() -> ml_collections.ConfigDict:
   data.random_patch_fraction = 0.25
   data.crop_margin_xy = (0, 30)  # random ROI margin in voxels, in-plane
   data.crop_margin_z_fraction = (0.01, 0.1)  # random ROI margin as a fraction of the slices
-  data.num_positions = 64  # contrastive positions sampled per sample and kind
+  # Contrastive positions on the 1/8 grid: 'per_slice' (the method's: per 1/8 slice one skeleton
+  # cell and one cell of the ring's 2D skeleton, D/8 rows) | 'uniform' (data.num_positions cells
+  # drawn with replacement from the skeleton and from the ring).
+  data.contrastive_sampling = 'per_slice'
+  data.num_positions = 64  # 'uniform' sampling: positions per sample and kind
   data.num_workers = 0
   data.prefetch = 2
   data.skip_bad_cases = False
@@ -97,6 +101,9 @@ def base_config() -> ml_collections.ConfigDict:
   loss.transform_anneal = 'geometric'  # 'geometric' (equal steps per factor) | 'linear'
   loss.consistency_on_sdf = False  # fine stage: also MSE between the views' SDFs
   loss.temperature = 0.05
+  # 'two_class': the method's label-based NT-Xent (skeleton with skeleton, ring with ring, across
+  # slices and views) | 'view_paired': a position's partner is itself in the other view.
+  loss.contrastive_form = 'two_class'
   loss.slice_min_voxels = 10
   loss.dice_smooth = 1e-5  # added to both sides of every soft Dice ratio
 
@@ -124,6 +131,10 @@ def base_config() -> ml_collections.ConfigDict:
   train = config.train = ml_collections.ConfigDict()
   train.steps = 100_000
   train.log_every = 10
+  # Every N steps, each active loss term's gradient norm over the encoder (metrics.jsonl
+  # 'grad_norm/<term>', a panel of curves.png); 0: off. Each time about two steps' time, plus one
+  # compile as long as the step's (docs/design.md, "Gradient balance on the encoder").
+  train.grad_balance_every = 100
   train.eval_every = 1000  # 0: no validation
   train.checkpoint_every = 1000
   train.keep_checkpoints = 2
@@ -136,8 +147,13 @@ def base_config() -> ml_collections.ConfigDict:
   inference.windows_per_batch = 4
   inference.tta_flips = 8  # number of flip combinations (1 = none, up to 8)
   inference.threshold = 0.5
-  inference.postprocess = 'fraction'  # 'none' | 'largest' | 'fraction'
-  inference.component_fraction = 0.5  # keep components larger than this share of the largest
+  # Connected components kept per structure: 'none' | 'largest' | 'fraction' (larger than
+  # component_fraction x the largest) | 'min_volume' (at least min_component_mm3 each) |
+  # 'largest_probability_mass' (the largest summed probability, and those above
+  # component_fraction x that mass). See dualseg_jax/inference/postprocess.py.
+  inference.postprocess = 'fraction'
+  inference.component_fraction = 0.5
+  inference.min_component_mm3 = 500.0  # 'min_volume': about a sphere of 1 cm diameter
   inference.tumour_inside_pancreas = True
   inference.pancreas_dilation_vox = 3
   inference.device_buffer_max_voxels = 256 * 512 * 512

@@ -55,7 +55,7 @@ def apply(config: ml_collections.ConfigDict, preset: str | None) -> ml_collectio
     config.loss.weights.sdf_to_mask_dice = 0.3
     config.loss.transform_k_start = 50.0
     config.loss.transform_anneal_steps = 300
-    # At initialisation the contrastive term's gradient on the encoder is ~100x the Dice term's
+    # At initialisation the contrastive term's gradient on the encoder is ~260x the Dice term's
     # and Adam's second moment then damps the segmentation updates; its weight grows from 0 over
     # the first 300 steps (docs/design.md, "Short schedules").
     config.loss.ramp_up_steps.contrastive = 300
@@ -81,6 +81,7 @@ def apply(config: ml_collections.ConfigDict, preset: str | None) -> ml_collectio
     config.optim.learning_rate = 1e-3
     train.steps = 3
     train.log_every = 1
+    train.grad_balance_every = 0  # tests that need it switch it on
     train.eval_every = 2
     train.checkpoint_every = 2
     config.inference.tta_flips = 1

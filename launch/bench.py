@@ -1,5 +1,5 @@
 """Benchmarks that print one JSON line per measurement:
-`python -m launch.bench --what=step|train|loader|inference|all [--config=FILE[:preset]] [--config.key=value]`.
+`python -m launch.bench --what=step|train|loader|targets|inference|all [--config=FILE[:preset]] [--config.key=value]`.
 """
 
 import json
@@ -10,12 +10,13 @@ from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', 'configs/three_center.py', 'Experiment config (FILE[:preset]).',
                                 lock_config=True)
-flags.DEFINE_enum('what', 'step', ['step', 'train', 'loader', 'inference', 'all'],
+flags.DEFINE_enum('what', 'step', ['step', 'train', 'loader', 'targets', 'inference', 'all'],
                   'What to measure: the bare train step, a training run against it (train), the '
-                  'input pipeline, whole-volume inference, or all four.')
+                  'input pipeline, the SDF/mask target agreement on augmented patches (targets), '
+                  'whole-volume inference, or all.')
 flags.DEFINE_integer('repeats', 10, 'Timed repetitions (after warm-up).')
 flags.DEFINE_string('inference_shape', '', 'Volume (D,H,W) for --what=inference, e.g. 100,512,512.')
-flags.DEFINE_integer('loader_batches', 20, 'Batches for --what=loader.')
+flags.DEFINE_integer('loader_batches', 20, 'Batches for --what=loader and --what=targets.')
 flags.DEFINE_integer('train_steps', 60, 'Steps of the training run for --what=train.')
 
 
@@ -23,7 +24,8 @@ def main(argv):
   del argv
   from dualseg_jax import bench
   config = flags.FLAGS.config
-  what = ['step', 'train', 'loader', 'inference'] if flags.FLAGS.what == 'all' else [flags.FLAGS.what]
+  what = (['step', 'train', 'loader', 'targets', 'inference'] if flags.FLAGS.what == 'all'
+          else [flags.FLAGS.what])
   shape = tuple(int(n) for n in flags.FLAGS.inference_shape.split(',')) if flags.FLAGS.inference_shape else None
   for name in what:
     for row in bench.run(name, config, repeats=flags.FLAGS.repeats, inference_shape=shape,

@@ -7,19 +7,18 @@ where `matrix` combines flips, a rotation about each axis (in millimetres when `
 given, else in voxels) and an isotropic zoom, and `displacement` is an elastic field: random
 offsets on a coarse control grid (spacing `elastic_sigma_vox`, standard deviation
 `elastic_magnitude_vox`) interpolated trilinearly, switched on with probability `elastic_prob`.
-The image and the SDF are resampled trilinearly, the label and the masks by nearest neighbour;
-outside the patch the image, label and masks read 0 (air after windowing, background) and the
-SDF repeats its nearest edge value.
-
-The SDF is the warped SDF, not the SDF recomputed from the warped label: with the whole-case
-normalisation the two agree to within a few hundredths in the mean (tests/data/test_augment.py
-states the tolerance).
+The image and the SDF are resampled trilinearly and the label by nearest neighbour; outside the
+patch the image and label read 0 (air after windowing, background) and the SDF repeats its nearest
+edge value with the background's sign. The masks are not warped on their own: each channel's mask
+is the sign of its warped SDF (mask == sdf < 0), and the SDF is then normalised again per patch
+(the zoom changes its largest values), so the targets the Dice, BCE, L1 and SDF->mask terms read
+describe one shape after any warp (docs/design.md, "Signed distances").
 
 Contrastive positions are carried, not resampled: each position's full-resolution cell centre is
 mapped forward (the inverse of the sampling map: the affine part exactly, the elastic part by a
 few Newton steps), rounded to its new 1/8 cell, and kept valid only when that cell lies
 inside the patch and the warped structure there is consistent with its kind: a positive
-(skeleton) cell must still hold structure, a negative (ring) cell must still hold background.
+(skeleton) cell must still hold structure, a negative (ring) cell must hold no structure voxel.
 So identity parameters return the positions unchanged, and every valid position sits where the
 warped label agrees with it. `sdf_valid` and `slice_label` are recomputed from the warped masks.
 """
@@ -37,10 +36,12 @@ import ml_collections
 EMBEDDING_STRIDE = 8
 # Newton steps that invert the elastic part of the sampling map for the positions.
 _INVERSE_ELASTIC_STEPS = 4
+# Guards the per-patch SDF normalisation of a patch without inside (or outside) voxels.
+_TINY = 1e-6
 
 _SPATIAL_KEYS = ('image', 'label', 'mask', 'sdf')
-_TARGET_KEYS = ('sdf_valid', 'positive_positions', 'positive_valid', 'negative_positions',
-                'negative_valid', 'slice_label')
+_TARGET_KEYS = ('sdf_scale_mm', 'sdf_valid', 'positive_positions', 'positive_valid',
+                'negative_positions',                'negative_valid', 'slice_label')
 
 
 def elastic_grid_shape(shape: Sequence[int], control_spacing_vox: float) -> tuple[int, int, int]:
@@ -141,13 +142,25 @@ def _warp_channels(volume: jax.Array, coordinates: list[jax.Array], order: int, 
   return jax.vmap(resample, in_axes=-1, out_axes=-1)(volume)
 
 
-def _cells_holding(structure: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(D, H, W) bool -> per 1/8 cell: (any voxel set, any voxel clear)."""
+def normalize_signed_distance(signed_distance: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(D, H, W, C) signed distances in mm of one patch -> ([-1, 1] per channel, (C, 2) scales):
+  the positive part divided by its largest value, the negative part by its largest magnitude
+  (as `targets.normalize_signed_distance` on the host); the sign is kept."""
+  spatial = tuple(range(signed_distance.ndim - 1))
+  largest_outside = jnp.maximum(jnp.max(signed_distance, axis=spatial), _TINY)
+  largest_inside = jnp.maximum(-jnp.min(signed_distance, axis=spatial), _TINY)
+  normalized = jnp.where(signed_distance > 0, signed_distance / largest_outside,
+                         signed_distance / largest_inside)
+  return normalized, jnp.stack([largest_inside, largest_outside], axis=-1)
+
+
+def _cells_holding(structure: jax.Array) -> jax.Array:
+  """(D, H, W) bool -> per 1/8 cell: whether any of its voxels is set."""
   depth, height, width = structure.shape
   stride = EMBEDDING_STRIDE
   blocks = structure.reshape(depth // stride, stride, height // stride, stride,
                              width // stride, stride)
-  return blocks.any(axis=(1, 3, 5)), ~blocks.all(axis=(1, 3, 5))
+  return blocks.any(axis=(1, 3, 5))
 
 
 def _carry_positions(params, positions, valid, consistent_cells, shape, control_spacing_vox):
@@ -183,21 +196,36 @@ def apply_transform(params: dict[str, jax.Array], sample: dict[str, jax.Array],
   image = _warp_channels(sample['image'], coordinates, order=1, mode='constant')
   out['label'] = jax.scipy.ndimage.map_coordinates(sample['label'], coordinates, order=0,
                                                    mode='constant')
-  mask = _warp_channels(sample['mask'], coordinates, order=0, mode='constant')
+  # The masks are the sign of the warped SDF, so the two targets describe one shape; beyond the
+  # patch (where the image reads air) the sign is forced to background.
+  # Warped in mm: the normalised map's inside and outside scales differ (a few mm against tens),
+  # so interpolating it would move the zero level towards the outside voxels.
+  if 'sdf_scale_mm' not in sample:
+    raise ValueError("the batch needs 'sdf_scale_mm' (C, 2) beside 'sdf' to warp it "
+                     '(targets.signed_distance_scales; docs/design.md batch keys)')
+  inside_scale, outside_scale = sample['sdf_scale_mm'][:, 0], sample['sdf_scale_mm'][:, 1]
+  signed_distance = jnp.where(sample['sdf'] > 0, sample['sdf'] * outside_scale,
+                              sample['sdf'] * inside_scale)
+  signed_distance = _warp_channels(signed_distance, coordinates, order=1, mode='nearest')
+  beyond_patch = jnp.zeros(shape, bool)
+  for axis, size in enumerate(shape):
+    beyond_patch |= (coordinates[axis] < -0.5) | (coordinates[axis] > size - 0.5)
+  signed_distance = jnp.where(beyond_patch[..., None], jnp.abs(signed_distance), signed_distance)
+  mask = (signed_distance < 0).astype(sample['mask'].dtype)
   out['mask'] = mask
-  out['sdf'] = _warp_channels(sample['sdf'], coordinates, order=1, mode='nearest')
+  out['sdf'], out['sdf_scale_mm'] = normalize_signed_distance(signed_distance)
 
   channel_set = mask.reshape(-1, mask.shape[-1]) > 0.5
   out['sdf_valid'] = sample['sdf_valid'] & channel_set.any(axis=0) & ~channel_set.all(axis=0)
   structure = mask[..., -1] > 0.5
   out['slice_label'] = (structure.sum(axis=(1, 2)) > slice_min_voxels).astype(jnp.float32)
 
-  holds_structure, holds_background = _cells_holding(structure)
+  holds_structure = _cells_holding(structure)
   out['positive_positions'], out['positive_valid'] = _carry_positions(
       params, sample['positive_positions'], sample['positive_valid'], holds_structure, shape,
       control_spacing)
   out['negative_positions'], out['negative_valid'] = _carry_positions(
-      params, sample['negative_positions'], sample['negative_valid'], holds_background, shape,
+      params, sample['negative_positions'], sample['negative_valid'], ~holds_structure, shape,
       control_spacing)
 
   # Intensity: gamma on the [0, 1] image, then additive Gaussian noise, back into [0, 1].

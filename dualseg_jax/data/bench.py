@@ -78,3 +78,47 @@ def benchmark_loader(config: ml_collections.ConfigDict, num_batches: int = 20,
     result['device_augment_ms_per_batch'] = round(1000 * (time.perf_counter() - started) / repeats, 2)
     result['device'] = str(jax.devices()[0].device_kind)
   return result
+
+
+def target_agreement(config: ml_collections.ConfigDict, num_batches: int = 20,
+                     sharpness: tuple[float, ...] = (50.0, 1500.0)) -> dict[str, Any]:
+  """How well a perfect SDF prediction, pushed through sigmoid(-k sdf), reproduces the mask the
+  Dice terms read, on augmented training patches of `config` (docs/design.md, "Signed
+  distances"): soft Dice per structure and k, mean and minimum over the patches holding it."""
+  import jax  # deferred: the host part needs no accelerator
+  from dualseg_jax.data import augment as augment_lib
+
+  config = config.copy_and_resolve_references()
+  if config.data.source == 'synthetic' and not config.data.root:
+    config.data.root = 'data/synthetic'
+  if config.data.source == 'synthetic':
+    from dualseg_jax.data import phantoms  # deferred: only synthetic runs generate data
+    phantoms.ensure_synthetic_data(config.data)
+  cache = preprocess.ensure_cache(config, progress=False)
+  split = registry.split_cases(config.data, registry.list_cases(config.data), config.seed)
+  iterator = loader.make_train_iterator(config, split.train, cache, config.seed,
+                                        process_index=0, process_count=1)
+  augment_fn = jax.jit(lambda key, b: augment_lib.augment_batch(
+      key, b, config.augment, cache.settings.target_spacing_mm, config.loss.slice_min_voxels))
+  structures = loader._STAGE_STRUCTURES[config.stage]
+  scores = {(name, k): [] for name in structures for k in sharpness}
+  for index in range(num_batches):
+    out = jax.device_get(augment_fn(jax.random.key(index), next(iterator)))
+    for sample in range(out['sdf'].shape[0]):
+      for channel, name in enumerate(structures):
+        if not out['sdf_valid'][sample, channel]:
+          continue
+        mask = out['mask'][sample, ..., channel].astype(np.float64)
+        signed_distance = out['sdf'][sample, ..., channel].astype(np.float64)
+        for k in sharpness:
+          transformed = 1.0 / (1.0 + np.exp(np.clip(k * signed_distance, -60.0, 60.0)))
+          scores[(name, k)].append(
+              2.0 * (transformed * mask).sum() / (transformed.sum() + mask.sum()))
+  result: dict[str, Any] = {'benchmark': 'targets', 'stage': config.stage,
+                            'patch_size': list(config.data.patch_size), 'batches': num_batches}
+  for (name, k), values in scores.items():
+    if values:
+      result[f'{name}_k{k:g}_dice_mean'] = round(float(np.mean(values)), 4)
+      result[f'{name}_k{k:g}_dice_min'] = round(float(np.min(values)), 4)
+      result[f'{name}_patches'] = len(values)
+  return result

@@ -4,11 +4,15 @@ targets (docs/design.md batch keys), and whole cached cases for validation.
 Per training example the host only crops from memory-mapped arrays and draws contrastive
 positions; everything per-case (resampling, SDFs, skeletons) was done once by `preprocess`.
 
-The SDF in a patch is cropped from the case's SDF, so it is the case-level normalised SDF (its
-scale is set by the largest distances in the whole case, not in the patch); `sdf_valid` is False
-for a channel whose mask is empty (or full) inside the patch. Positives are the case skeleton's
-voxels that fall in the patch, on the 1/8 grid; negatives are the ring around the patch's
-structure (cube dilation of random side data.ring_side_vox, minus the structure), on the 1/8 grid.
+The SDF in a patch is cropped from the case's signed distance in mm (distances reach structure
+beyond the patch), given the patch mask's sign where the two could differ (beyond the case's edge,
+where the label reads background) and normalised per patch, as the method normalises per training
+crop: mask == (sdf < 0) holds exactly (docs/design.md, "Signed distances"). `sdf_valid` is False
+for a channel whose mask is empty (or full) inside the patch. Positives are drawn from the case
+skeleton's voxels that fall in the patch, on the 1/8 grid; negatives from the ring around the
+patch's structure (cube dilation of random side data.ring_side_vox, minus the structure) on the
+1/8 grid, minus every cell holding a structure voxel; `targets.contrastive_positions` draws them
+(data.contrastive_sampling: one of each per 1/8 slice, or data.num_positions of each).
 
 Randomness comes only from Grain's per-example generator (seeded by the pipeline seed and the
 example's index), so batches are the same whatever the number of workers, and the iterator's
@@ -120,6 +124,7 @@ class PatchSettings:
   foreground_fraction: float
   joint_tumour_fraction: float
   random_patch_fraction: float
+  contrastive_sampling: str
   num_positions: int
   slice_min_voxels: int
   ring_side_vox: tuple[int, int]
@@ -133,12 +138,16 @@ class PatchSettings:
                         f'{EMBEDDING_STRIDE}')
     if config.stage not in _STAGE_STRUCTURES:
       raise ConfigError(f'stage={config.stage!r}: choose one of {config_base.STAGES}')
+    if data.contrastive_sampling not in targets.CONTRASTIVE_SAMPLINGS:
+      raise ConfigError(f'data.contrastive_sampling={data.contrastive_sampling!r}: choose one of '
+                        f'{targets.CONTRASTIVE_SAMPLINGS}')
     return cls(stage=config.stage, patch_size=patch_size,
                crop_margin_xy=tuple(int(v) for v in data.crop_margin_xy),
                crop_margin_z_fraction=tuple(float(v) for v in data.crop_margin_z_fraction),
                foreground_fraction=float(data.foreground_fraction),
                joint_tumour_fraction=float(data.joint_tumour_fraction),
                random_patch_fraction=float(data.random_patch_fraction),
+               contrastive_sampling=str(data.contrastive_sampling),
                num_positions=int(data.num_positions),
                slice_min_voxels=int(config.loss.slice_min_voxels),
                ring_side_vox=tuple(int(v) for v in data.ring_side_vox))
@@ -246,30 +255,33 @@ def sample_patch(case: CachedCase, settings: PatchSettings, rng: np.random.Gener
   label = read_window(label_map, start, size, fill=0)
   mask = targets.stage_channel_masks(label, settings.stage)
   sdf = np.empty(tuple(size) + (len(structures),), np.float32)
+  sdf_scale_mm = np.empty((len(structures), 2), np.float32)
   for channel, name in enumerate(structures):
     read_window(load(f'sdf_{name}'), start, size, fill=None, out=sdf[..., channel])
+    # The edge value repeated beyond the case can carry the inside's sign where the label reads
+    # background; the label decides.
+    inside = mask[..., channel] > 0
+    signed_distance = np.where(inside, -np.abs(sdf[..., channel]), np.abs(sdf[..., channel]))
+    sdf_scale_mm[channel] = targets.signed_distance_scales(signed_distance)
+    sdf[..., channel] = targets.normalize_signed_distance(signed_distance)
   # Voxel counts from the label (count_nonzero on uint8 is far cheaper than reducing the masks).
   tumour = label == 2
   structure_counts = {'pancreas': np.count_nonzero(label), 'tumour': np.count_nonzero(tumour)}
   sdf_valid = np.array([0 < structure_counts[name] < label.size for name in structures])
 
   structure = tumour if structures[-1] == 'tumour' else label > 0
-  positives = _positions_in_patch(load(f'skeleton_{structures[-1]}'), start, size)
-  positive_positions, positive_valid = targets.sample_positions(
-      positives, settings.num_positions, rng)
-  negatives = targets.ring(structure, rng, *settings.ring_side_vox)
-  negative_positions, negative_valid = targets.sample_positions(
-      negatives, settings.num_positions, rng)
+  skeleton_cells = _positions_in_patch(load(f'skeleton_{structures[-1]}'), start, size)
+  positions = targets.contrastive_positions(structure, skeleton_cells, rng,
+                                            settings.contrastive_sampling, settings.num_positions,
+                                            settings.ring_side_vox)
   return {
       'image': image,
       'label': label.astype(np.int32),
       'mask': mask,
       'sdf': sdf,
+      'sdf_scale_mm': sdf_scale_mm,
       'sdf_valid': sdf_valid,
-      'positive_positions': positive_positions,
-      'positive_valid': positive_valid,
-      'negative_positions': negative_positions,
-      'negative_valid': negative_valid,
+      **positions,
       'slice_label': targets.slice_labels(structure, settings.slice_min_voxels),
       'case_index': np.int32(case.case_index),
       'center_index': np.int32(case.center_index),

@@ -24,11 +24,12 @@ from scipy import ndimage
 from scipy import spatial
 
 from dualseg_jax import files
+from dualseg_jax.data import preprocess
 from dualseg_jax.data import volume as volume_lib
 from dualseg_jax.errors import ConfigError, DataError
 
 # Bump when the generator changes what it draws, so ensure_synthetic_data regenerates old folders.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 PARAMETERS_FILE = 'phantoms.json'
 LABEL_NAMES = {'0': 'background', '1': 'pancreas', '2': 'cancer'}
 AIR_HU = -1000.0
@@ -54,6 +55,8 @@ class ContrastPhase:
   muscle_hu: float
 
 
+# Pancreas ~100-130 HU in the pancreatic phase and ~80-100 HU in the portal-venous phase at a
+# standard iodine dose (multiphase pancreatic CT protocols); a low dose enhances less.
 PANCREATIC_PHASE = ContrastPhase(
     name='pancreatic (late arterial, ~40 s)', pancreas_hu=125.0, liver_hu=75.0, spleen_hu=130.0,
     kidney_cortex_hu=200.0, kidney_medulla_hu=95.0, aorta_hu=270.0, portal_vein_hu=170.0,
@@ -70,22 +73,35 @@ LOW_DOSE_VENOUS_PHASE = ContrastPhase(
 
 @dataclasses.dataclass(frozen=True)
 class CenterProtocol:
-  """How one center's scanner and protocol turn an abdomen into a stored CT volume."""
+  """How one center's scanner and protocol turn an abdomen into a stored CT volume.
+
+  The real ranges each field stands for are tabulated in docs/design.md, "Synthetic centers".
+  """
 
   name: str
   scanner: str  # a few words for captions
   shape_zyx: tuple[int, int, int]
-  spacing_mm: tuple[float, float, float]  # (z, y, x)
-  slice_thickness_mm: float
+  # (z, y, x). Clinical in-plane pixels are 0.6-0.9 mm; the phantoms use 2.7-3.5 mm so that a CPU
+  # can train on them, at or near the 3 mm the quick preset resamples to.
+  spacing_mm: tuple[float, float, float]
+  slice_thickness_mm: float  # clinical reconstructions: 0.6-1.5 mm thin, 2-3 mm, 5 mm thick
   # Slices are rendered this many times finer in z and averaged, so thick slices carry the
   # partial-volume mixing of a real slice profile.
   z_supersampling: int
-  blur_sigma_mm: float  # reconstruction kernel point-spread, Gaussian sigma in-plane and in z
+  # Reconstruction kernel point-spread, Gaussian sigma in-plane and in z. Real kernels are
+  # narrower (FWHM ~0.6-1.5 mm, sharp to smooth); here it stands for the kernel and the coarse
+  # pixels together, ordered sharp < standard < smooth.
+  blur_sigma_mm: float
+  # Pixel noise of routine abdominal CT: ~10-20 HU at standard dose and 2-3 mm; low dose ~20-30
+  # HU at thin slices, less after smooth kernels and 5 mm slices (noise ~ 1/sqrt(dose x thickness)).
   noise_sigma_hu: float
   noise_correlation_mm: float  # Gaussian sigma that colours the noise: the kernel's noise texture
   phase: ContrastPhase
-  tumour_contrast_hu: tuple[float, float]  # pancreas minus tumour, drawn per case
-  hu_offset: float  # calibration error added to every voxel
+  # Pancreas minus tumour, drawn per case. Pancreatic ductal adenocarcinoma is hypo-attenuating
+  # by ~20-60 HU in the pancreatic phase and ~15-40 HU in the portal-venous phase (multiphase CT
+  # studies); about a tenth are iso-attenuating, which the phantoms leave out.
+  tumour_contrast_hu: tuple[float, float]
+  hu_offset: float  # calibration error added to every voxel; scanners agree within ~+-20 HU
   orientation: str  # how arrays are stored on disk: 'RAS' or 'LPS' (DICOM-derived)
   tumour_probability: float = 0.8
 
@@ -128,7 +144,7 @@ CENTER_PROTOCOLS = {
     'center_c': CenterProtocol(
         name='center_c', scanner='thick-slice low-dose protocol, smooth kernel',
         shape_zyx=(48, 112, 112), spacing_mm=(5.0, 3.5, 3.5), slice_thickness_mm=5.0,
-        z_supersampling=2, blur_sigma_mm=2.8, noise_sigma_hu=25.0, noise_correlation_mm=3.0,
+        z_supersampling=2, blur_sigma_mm=2.0, noise_sigma_hu=20.0, noise_correlation_mm=2.5,
         phase=LOW_DOSE_VENOUS_PHASE, tumour_contrast_hu=(15.0, 30.0), hu_offset=-20.0,
         orientation='LPS'),
 }
@@ -915,41 +931,134 @@ def _rise_distance(profile: np.ndarray, ten: float, ninety: float) -> float | No
   return float(upper - lower)
 
 
-def measure_case(case: PhantomCase, protocol: CenterProtocol) -> dict:
-  """What a physicist would measure on this case's stored image."""
-  image = case.image_hu.astype(np.float32)
-  liver = case.tissue == Tissue.LIVER
-  pancreas = _interior(case.label == 1, 1)
-  tumour = _interior(case.label == 2, 1)
-  pancreas_hu = float(image[pancreas].mean()) if pancreas.any() else float('nan')
-  tumour_hu = float(image[tumour].mean()) if tumour.any() else float('nan')
+def _interior_mm(mask: np.ndarray, spacing_mm, margin_mm: float) -> np.ndarray:
+  """Voxels of `mask` farther than `margin_mm` from its edge (the mask itself if none are)."""
+  if not mask.any():
+    return mask
+  inside = ndimage.distance_transform_edt(mask, sampling=spacing_mm) > margin_mm
+  return inside if inside.any() else mask
+
+
+# A lesion whose mean differs from its surroundings by less than one noise standard deviation per
+# voxel is one a reader misses: the Rose model asks contrast-to-noise x sqrt(lesion area in
+# pixels) >= ~3-5, i.e. per-voxel CNR >= ~1 for the 5-15 mm lesions the phantoms draw at 3 mm.
+VISIBILITY_CNR_FLOOR = 1.0
+
+
+def _resampled(case: PhantomCase, spacing_mm):
+  """(image_hu float32, label, tissue, spacing_mm) on a grid of about `spacing_mm`, linear for
+  the image and nearest for the maps, as the preprocessing cache resamples a case."""
+  new_shape = preprocess.resampled_shape(case.image_hu.shape, case.spacing_mm, spacing_mm)
+  spacing = tuple(float(size * s / new) for size, s, new in
+                  zip(case.image_hu.shape, case.spacing_mm, new_shape))
+  return (preprocess.resample(case.image_hu, new_shape, 'linear'),
+          preprocess.resample(case.label, new_shape, 'nearest'),
+          preprocess.resample(case.tissue, new_shape, 'nearest'), spacing)
+
+
+def measure_case(case: PhantomCase, protocol: CenterProtocol,
+                 resampled_spacing_mm=None) -> dict:
+  """What a physicist would measure on this case's stored image, or on it resampled to
+  `resampled_spacing_mm` (z, y, x) as training sees it.
+
+  Contrasts are differences of image means over the interiors of labelled tissues; `roi_std_hu`
+  is the standard deviation inside the liver 10 mm from its edge (noise plus the organ's own
+  texture), the denominator of the tumour's contrast-to-noise ratio.
+  """
+  if resampled_spacing_mm is None:
+    image, label, tissue = case.image_hu.astype(np.float32), case.label, case.tissue
+    spacing_mm = case.spacing_mm
+  else:
+    image, label, tissue, spacing_mm = _resampled(case, resampled_spacing_mm)
+  liver = tissue == Tissue.LIVER
+  # Regions of interest as a reader places them: on parenchyma and on the mass, off the duct and
+  # the vessels that cross them and off slices that mix tissues; the gland's one voxel in from its
+  # edge with fat, the mass's whole (eroded, an irregular mass keeps too few voxels to average).
+  pancreas = _interior((label == 1) & (tissue == Tissue.PANCREAS), 1)
+  tumour = (label == 2) & (tissue == Tissue.TUMOUR)
+
+  def mean_hu(region):
+    return float(image[region].mean()) if region.any() else float('nan')
+
+  # Peripancreatic fat and the neighbouring bowel (duodenum, jejunum, colon), 3-20 mm from the
+  # gland, one voxel in from their own edges.
+  gland = label >= 1
+  distance_mm = ndimage.distance_transform_edt(~gland, sampling=spacing_mm)
+  near_gland = (distance_mm > 3.0) & (distance_mm <= 20.0)
+  fat = _interior(tissue == Tissue.FAT, 1) & near_gland
+  bowel = _interior(np.isin(tissue, (Tissue.BOWEL_WALL, Tissue.BOWEL_FLUID)), 1) & near_gland
+  roi_std_hu = float(image[_interior_mm(liver, spacing_mm, 10.0)].std()) if liver.any() else (
+      float('nan'))
+  pancreas_hu, tumour_hu = mean_hu(pancreas), mean_hu(tumour)
+  tumour_voxels = int(np.count_nonzero(label == 2))
+  tumour_ml = tumour_voxels * float(np.prod(spacing_mm)) / 1000.0
   return dict(
-      spacing_mm=case.spacing_mm,
-      noise_sigma_hu=noise_sigma_hu(case.image_hu, liver),
+      spacing_mm=tuple(float(s) for s in spacing_mm),
+      noise_sigma_hu=noise_sigma_hu(image, liver),
+      roi_std_hu=roi_std_hu,
       pancreas_hu=pancreas_hu, tumour_hu=tumour_hu, tumour_contrast_hu=pancreas_hu - tumour_hu,
-      edge_width_mm=edge_width_mm(case.image_hu, case.spacing_mm,
-                                  low_hu=AIR_HU + protocol.hu_offset,
+      tumour_cnr=(pancreas_hu - tumour_hu) / roi_std_hu,
+      pancreas_fat_contrast_hu=pancreas_hu - mean_hu(fat),
+      pancreas_bowel_contrast_hu=pancreas_hu - mean_hu(bowel),
+      tumour_voxels=tumour_voxels,
+      # Diameter of the sphere of the same volume.
+      tumour_diameter_mm=(6.0 * tumour_ml * 1000.0 / math.pi) ** (1.0 / 3.0) if tumour_voxels
+      else float('nan'),
+      edge_width_mm=edge_width_mm(image, spacing_mm, low_hu=AIR_HU + protocol.hu_offset,
                                   high_hu=-100.0 + protocol.hu_offset),
-      has_tumour=case.has_tumour)
+      has_tumour=bool(tumour_voxels))
 
 
-def measure_center(cases: list[PhantomCase], protocol: CenterProtocol) -> dict:
-  """Means over a center's cases (tumour numbers over the cases that have one)."""
-  measured = [measure_case(case, protocol) for case in cases]
+_TUMOUR_KEYS = ('tumour_hu', 'tumour_contrast_hu', 'tumour_cnr', 'tumour_voxels',
+                'tumour_diameter_mm')
+
+
+def measure_center(cases: list[PhantomCase], protocol: CenterProtocol,
+                   resampled_spacing_mm=None) -> dict:
+  """Means over a center's cases (tumour numbers over the cases that have one), measured on the
+  stored images or resampled to `resampled_spacing_mm`; `tumour_cnr_min` is the least visible
+  lesion."""
+  measured = [measure_case(case, protocol, resampled_spacing_mm) for case in cases]
+
+  def finite(key, rows):
+    return [row[key] for row in rows if np.isfinite(row[key])]
 
   def mean(key, rows):
-    values = [row[key] for row in rows if np.isfinite(row[key])]
+    values = finite(key, rows)
     return float(np.mean(values)) if values else float('nan')
 
   with_tumour = [row for row in measured if row['has_tumour']]
-  return dict(
+  summary = dict(
       cases=len(cases), tumour_cases=len(with_tumour),
-      spacing_mm=list(protocol.spacing_mm),
-      noise_sigma_hu=mean('noise_sigma_hu', measured),
-      pancreas_hu=mean('pancreas_hu', measured),
-      tumour_hu=mean('tumour_hu', with_tumour),
-      tumour_contrast_hu=mean('tumour_contrast_hu', with_tumour),
-      edge_width_mm=mean('edge_width_mm', measured))
+      spacing_mm=list(measured[0]['spacing_mm'] if resampled_spacing_mm else protocol.spacing_mm),
+      slice_thickness_mm=protocol.slice_thickness_mm)
+  for key in measured[0]:
+    if key not in ('spacing_mm', 'has_tumour'):
+      summary[key] = mean(key, with_tumour if key in _TUMOUR_KEYS else measured)
+  cnr = finite('tumour_cnr', with_tumour)
+  summary['tumour_cnr_min'] = float(min(cnr)) if cnr else float('nan')
+  return summary
+
+
+MEASUREMENT_COLUMNS = (  # (key, heading, format)
+    ('slice_thickness_mm', 'slice mm', '.1f'), ('roi_std_hu', 'noise HU', '.1f'),
+    ('pancreas_hu', 'panc HU', '.0f'), ('tumour_contrast_hu', 'tum contr', '.1f'),
+    ('tumour_cnr', 'CNR', '.2f'), ('tumour_cnr_min', 'CNR min', '.2f'),
+    ('pancreas_fat_contrast_hu', 'panc-fat', '.0f'),
+    ('pancreas_bowel_contrast_hu', 'panc-bowel', '.0f'), ('tumour_voxels', 'tum vox', '.0f'),
+    ('tumour_diameter_mm', 'tum diam mm', '.1f'))
+
+
+def measurement_table(summaries: dict) -> str:
+  """Plain-text table of measure_center results, one row per center, keyed by center name."""
+  widths = [max(len(heading), 7) for _, heading, _ in MEASUREMENT_COLUMNS]
+  lines = [f'{"center":9} {"spacing z,y,x mm":>17} {"cases":>5} {"tumour":>6} ' + ' '.join(
+      f'{heading:>{width}}' for (_, heading, _), width in zip(MEASUREMENT_COLUMNS, widths))]
+  for center, row in summaries.items():
+    spacing = ','.join(f'{s:.3g}' for s in row['spacing_mm'])
+    lines.append(f'{center:9} {spacing:>17} {row["cases"]:5d} {row["tumour_cases"]:6d} ' + ' '.join(
+        f'{row[key]:>{width}{fmt}}' for (key, _, fmt), width in zip(MEASUREMENT_COLUMNS, widths)))
+  return '\n'.join(lines)
 
 
 # --- Writing -----------------------------------------------------------------------------------
@@ -1006,8 +1115,10 @@ def _check_centers(centers) -> tuple[str, ...]:
 
 
 def write_dataset(out_dir, cases_per_center: int, seed: int,
-                  centers=tuple(CENTER_PROTOCOLS), preview_path=None) -> dict:
-  """Generate and write every center in MSD layout; returns per-center measurements and timing."""
+                  centers=tuple(CENTER_PROTOCOLS), preview_path=None,
+                  measure_spacings_mm=()) -> dict:
+  """Generate and write every center in MSD layout; returns per-center measurements and timing,
+  with `resampled`: {spacing (z, y, x): measure_center there} for each of `measure_spacings_mm`."""
   centers = _check_centers(centers)
   if cases_per_center < 1:
     raise ConfigError(f'cases_per_center is {cases_per_center}; it must be at least 1')
@@ -1041,6 +1152,9 @@ def write_dataset(out_dir, cases_per_center: int, seed: int,
                       (json.dumps(_dataset_json(protocol, case_ids), indent=2) + '\n').encode())
     summary[center] = measure_center(cases, protocol)
     summary[center]['seconds_per_case'] = seconds / cases_per_center
+    summary[center]['resampled'] = {
+        tuple(spacing): measure_center(cases, protocol, resampled_spacing_mm=tuple(spacing))
+        for spacing in measure_spacings_mm}
   _remove_stale_files(out_dir, previous, written)
   parameters = dict(generator_version=GENERATOR_VERSION, seed=int(seed),
                     cases_per_center=int(cases_per_center), centers=list(centers),

@@ -4,8 +4,10 @@ whole-case targets once, stored as memory-mappable .npy arrays, so a training st
 Layout: `<cache_dir>/<settings_hash>/<center>/<case_id>/` holds
   image.npy          float32 (D, H, W), CT windowed by data.window_hu into [0, 1] (air -> 0)
   label.npy          uint8 (D, H, W), 0 background, 1 pancreas, 2 tumour
-  sdf_pancreas.npy   float32 (D, H, W), normalised SDF of label >= 1 over the whole case
-  sdf_tumour.npy     float32 (D, H, W), normalised SDF of label == 2 (zeros when no tumour)
+  sdf_pancreas.npy   float32 (D, H, W), signed distance in mm of label >= 1 (negative inside,
+                     zero level between voxels: targets.signed_distance_mm); the loader
+                     normalises it per training crop
+  sdf_tumour.npy     float32 (D, H, W), the same for label == 2 (zeros when no tumour)
   skeleton_pancreas.npy, skeleton_tumour.npy   int32 (K, 3) voxel positions of the 3D skeletons
   case.json          the case's metadata (also gathered into the manifest)
 and `<cache_dir>/<settings_hash>/manifest.json` lists every case with its metadata and problems.
@@ -42,7 +44,7 @@ from dualseg_jax.errors import ConfigError, DataError
 log = logging.getLogger('dualseg_jax')
 
 # Bump when the arrays' meaning or format changes: old caches then stop matching.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: SDFs in mm with the zero level between voxels
 MANIFEST_FILE = 'manifest.json'
 CASE_FILE = 'case.json'
 INTERPOLATIONS = ('linear', 'cubic')
@@ -271,7 +273,7 @@ def preprocess_case(case: registry.Case, settings: Settings) -> tuple[dict[str, 
   }
   for structure, select in (('pancreas', lambda a: a >= 1), ('tumour', lambda a: a == 2)):
     mask = select(cached_label)
-    signed_distance, valid = targets.normalized_sdf(mask, spacing)
+    signed_distance, valid = targets.signed_distance_mm(mask, spacing)
     arrays[f'sdf_{structure}'] = signed_distance
     arrays[f'skeleton_{structure}'] = skeleton_positions(mask)
     source_voxels = int(np.count_nonzero(select(source_label)))

@@ -135,13 +135,26 @@ def describe(config: ml_collections.ConfigDict, ablation: str, seeds: list[int] 
 
 def run_ablation(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                  ablation: str = 'paper', seeds: list[int] | None = None,
-                 test_centers: list[str] | None = None, train_fn: Callable | None = None) -> dict:
+                 test_centers: list[str] | None = None, train_fn: Callable | None = None,
+                 shard: tuple[int, int] | None = None) -> dict | None:
   """Trains every run of the ablation (finished ones are not redone) and writes the tables:
-  workdir/ablation.md, ablation.csv, ablation.json. Returns the table dict."""
+  workdir/ablation.md, ablation.csv, ablation.json. Returns the table dict.
+
+  `shard` = (i, n) trains only the planned runs whose position modulo n is i and writes no
+  table (returns None): n processes share the runs without touching one run folder twice; the
+  same command without a shard then finds every run finished and writes the tables.
+  """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   planned = plan(config, ablation, seeds, test_centers)
-  runs.run_all(config, workdir, [run.spec for run in planned], train_fn=train_fn)
+  specs = [run.spec for run in planned]
+  if shard is not None:
+    index, count = shard
+    if not 0 <= index < count:
+      raise ConfigError(f'--shard={index}/{count}: give I/N with 0 <= I < N, e.g. --shard=0/2')
+    runs.run_all(config, workdir, specs[index::count], train_fn=train_fn)
+    return None
+  runs.run_all(config, workdir, specs, train_fn=train_fn)
   table = ablation_table(workdir, planned, ablation)
   write_tables(table, workdir)
   return table

@@ -95,7 +95,8 @@ class Predictor:
     probabilities = preprocess_lib.resample(outputs['probabilities'], original_shape, 'linear')
     sdf = preprocess_lib.resample(outputs['sdf'], original_shape, 'linear')
     label = postprocess.probabilities_to_label(
-        probabilities, self.config.stage, inference_config, pancreas_mask=pancreas_mask)
+        probabilities, self.config.stage, inference_config, pancreas_mask=pancreas_mask,
+        spacing_mm=volume.spacing_mm)
     return {'label': label, 'probabilities': probabilities.astype(np.float32),
             'sdf': sdf.astype(np.float32)}
 

@@ -7,7 +7,10 @@ Layout (paper widths (32, 64, 128, 256), blocks (1, 2, 2, 2)):
   and its GN-ReLU-1x1 shortcut are strided); the level's output is skip i (1/2, 1/4, 1/8 size).
 - bottom: dilated_blocks more blocks at widths[-1] with dilation `dilation` -> bottleneck.
 - embedding: 1x1 conv widths[-1] -> embedding_dim + ReLU.
-- fusion: GN-ReLU-channel dropout-1x1 weight-standardised conv widths[-1] -> fusion_width.
+- fusion: GN-ReLU-channel dropout-3x3x3 weight-standardised conv widths[-1] -> fusion_width.
+  Its fan-in sets how much of the decoder the bottleneck drives against the un-normalised skips
+  added after it: with a 1x1 conv the Dice gradient reaching the bottleneck at initialisation
+  was ~4x smaller (docs/design.md, "Short schedules").
 - decoder stage j (j = 0, 1, 2): nearest x2 upsampling, add skip 2 - j, one residual block to
   decoder_widths[j]. The channels must line up: fusion_width == widths[2],
   decoder_widths[0] == widths[1], decoder_widths[1] == widths[0].
@@ -94,7 +97,7 @@ class DualTaskUNet(nn.Module):
 
     x = nn.relu(group_norm(self.num_groups, self.dtype, name='fusion_norm')(bottleneck))
     x = nn.Dropout(self.dropout, broadcast_dims=(1, 2, 3), deterministic=not train)(x)
-    x = StdConv3D(self.fusion_width, 1, dtype=self.dtype, conv_impl=self.conv_impl, name='fusion_conv')(x)
+    x = StdConv3D(self.fusion_width, 3, dtype=self.dtype, conv_impl=self.conv_impl, name='fusion_conv')(x)
     for stage, width in enumerate(self.decoder_widths):
       x = _upsample_nearest(x) + skips[NUM_LEVELS - 2 - stage]
       x = block(width, 1, 1, f'decoder{stage}_block')(x)

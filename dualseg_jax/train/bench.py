@@ -33,7 +33,8 @@ def synthetic_batch(config: ml_collections.ConfigDict, batch_size: int, seed: in
   label = np.where(tumour & pancreas, 2, np.where(pancreas, 1, 0)).astype(np.int32)
   image = np.clip(0.4 + 0.2 * pancreas - 0.1 * tumour + 0.05 * rng.standard_normal(label.shape), 0, 1)
   sample = targets.make_targets(label, config.stage, config.data.target_spacing_mm, rng,
-                                config.data.num_positions, config.loss.slice_min_voxels)
+                                config.data.num_positions, config.loss.slice_min_voxels,
+                                tuple(config.data.ring_side_vox), config.data.contrastive_sampling)
   sample['image'] = image[..., None].astype(np.float32)
   sample['label'] = label
   return {name: np.repeat(value[None], batch_size, axis=0) for name, value in sample.items()}

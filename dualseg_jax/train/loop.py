@@ -22,6 +22,7 @@ from dualseg_jax import config_base
 from dualseg_jax import files
 from dualseg_jax import presets
 from dualseg_jax.errors import ConfigError
+from dualseg_jax.train import balance as balance_lib
 from dualseg_jax.train import checkpoint as checkpoint_lib
 from dualseg_jax.train import parallel
 from dualseg_jax.train import reporting
@@ -33,9 +34,9 @@ log = logging.getLogger('dualseg_jax')
 # Keys that may differ between a run and its resumption without changing what it computes; the
 # model's compute choices (how convolutions run, remat) give the same numbers up to rounding.
 _RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'train.checkpoint_every',
-                      'train.keep_checkpoints', 'train.tensorboard', 'train.evaluate_test_center',
-                      'data.num_workers', 'data.prefetch', 'inference', 'model.conv_impl',
-                      'model.subsample_stride', 'model.remat')
+                      'train.grad_balance_every', 'train.keep_checkpoints', 'train.tensorboard',
+                      'train.evaluate_test_center', 'data.num_workers', 'data.prefetch', 'inference',
+                      'model.conv_impl', 'model.subsample_stride', 'model.remat')
 
 
 def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
@@ -197,6 +198,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   train_step = jax.jit(
       step_lib.make_train_step(model, config, optimizer, augment_fn=augment_fn),
       donate_argnums=0, out_shardings=(_shardings_for(state, mesh), parallel.replicated_sharding(mesh)))
+  balance_every = config.train.grad_balance_every
+  # Per-term gradient norms on the encoder, for the same inputs as the step that follows.
+  encoder_balance = (jax.jit(balance_lib.make_balance_fn(model, config, augment_fn),
+                             out_shardings=parallel.replicated_sharding(mesh))
+                     if balance_every else None)
   sharding = parallel.batch_sharding(mesh)
   validator = validate_lib.Validator(config, model, data.split.val, mesh)
 
@@ -221,6 +227,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     step = start_step
     while step < total_steps:
       batch = parallel.to_global_batch(next(iterator), sharding)
+      # Read before the step donates the state; logged with the row of the step it describes.
+      balance = (encoder_balance(state, batch)
+                 if balance_every and (step + 1) % balance_every == 0 else None)
       state, metrics = train_step(state, batch)
       step += 1
       window_steps += 1
@@ -228,8 +237,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       if pending is not None:
         flush(pending)
         pending = None
-      if step % config.train.log_every == 0 or step == total_steps:
-        pending = (step, metrics)
+      if step % config.train.log_every == 0 or step == total_steps or balance is not None:
+        pending = (step, metrics if balance is None else {**metrics, **balance})
       # Reading the counter waits for the step; doing it only at log steps keeps the host one
       # batch ahead of the device in between. Skipped steps leave the parameters as they were,
       # so a late stop still saves the last good parameters.

@@ -86,15 +86,21 @@ def _is_loss_term(name: str) -> bool:
   return '/' not in name and name not in _NOT_LOSS_TERMS
 
 
+# 'grad_norm/<term>' rows (train.grad_balance_every) hold each term's gradient norm on the
+# encoder; this one is their largest over dice's, not a term.
+_BALANCE_RATIO = 'grad_norm/encoder_ratio_max'
+
+
 def plot_curves(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
-  """Loss terms (log scale) and validation Dice against the step, as one PNG."""
+  """Loss terms (log scale), validation Dice and each loss term's gradient norm on the encoder
+  (log scale; rows of train.grad_balance_every steps) against the step, as one PNG."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
   train_rows = [r for r in rows if 'loss' in r]
   val_rows = [r for r in rows if any(k.startswith('val/') for k in r)]
-  fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
+  fig, (ax_loss, ax_val, ax_balance) = plt.subplots(1, 3, figsize=(16, 4))
   loss_names = sorted({k for r in train_rows for k in r if _is_loss_term(k)})
   for name in loss_names:
     points = [(r['step'], r[name]) for r in train_rows if r.get(name) is not None and r[name] > 0]
@@ -117,6 +123,21 @@ def plot_curves(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
   ax_val.set_title('validation Dice')
   if dice_names:
     ax_val.legend(fontsize=7)
+  balance_names = sorted({k for r in rows for k in r
+                          if k.startswith('grad_norm/') and k != _BALANCE_RATIO})
+  for name in balance_names:
+    points = [(r['step'], r[name]) for r in rows if r.get(name) is not None and r[name] > 0]
+    if points:
+      steps, values = zip(*points)
+      ax_balance.plot(steps, values, marker='.', label=name.removeprefix('grad_norm/'))
+  ax_balance.set_xlabel('step')
+  ax_balance.set_title('gradient norm on the encoder, per term')
+  if ax_balance.get_lines():
+    ax_balance.set_yscale('log')
+    ax_balance.legend(fontsize=7)
+  elif not balance_names:
+    ax_balance.text(0.5, 0.5, 'not measured\n(train.grad_balance_every = 0)', ha='center',
+                    va='center', transform=ax_balance.transAxes)
   fig.tight_layout()
   tmp = pathlib.Path(path).with_suffix('.tmp.png')
   fig.savefig(tmp, dpi=100)

@@ -74,6 +74,28 @@ def split_views(outputs: dict[str, jax.Array], num_views: int) -> list[dict[str,
           for index in range(num_views)]
 
 
+def step_keys(rng: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The (augmentation, RandConv view, dropout) keys of the train step that starts at `step`."""
+  step_key = jax.random.fold_in(rng, step)
+  # The step's samplers draw from an 'rbg' key derived from the threefry step key: XLA on CPU
+  # spends ~10 s compiling each threefry sampler (dropout, RandConv), rbg compiles at once.
+  sampling_key = jax.random.wrap_key_data(jax.random.bits(step_key, (4,), jnp.uint32), impl='rbg')
+  augment_key, view_key, dropout_key = jax.random.split(sampling_key, 3)
+  return augment_key, view_key, dropout_key
+
+
+def step_inputs(state: TrainState, batch: dict, config: ml_collections.ConfigDict,
+                augment_fn: AugmentFn | None = None) -> tuple[dict, jax.Array, int, jax.Array]:
+  """What the train step at `state.step` feeds the network: (augmented batch, every view
+  concatenated on the batch axis, number of views, dropout key)."""
+  augment_key, view_key, dropout_key = step_keys(state.rng, state.step)
+  if augment_fn is not None:
+    batch = augment_fn(augment_key, batch)
+  view_images = make_views(view_key, batch['image'], config.augment, config.model.conv_impl)
+  # All views share one forward pass: a batch of V * B.
+  return batch, jnp.concatenate(view_images, axis=0), len(view_images), dropout_key
+
+
 def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
                     optimizer: optax.GradientTransformation, loss_fn: LossFn | None = None,
                     augment_fn: AugmentFn | None = None, total_steps: int | None = None
@@ -92,21 +114,12 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
   loss_config = config.loss
 
   def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
-    step_key = jax.random.fold_in(state.rng, state.step)
-    # The step's samplers draw from an 'rbg' key derived from the threefry step key: XLA on CPU
-    # spends ~10 s compiling each threefry sampler (dropout, RandConv), rbg compiles at once.
-    sampling_key = jax.random.wrap_key_data(jax.random.bits(step_key, (4,), jnp.uint32), impl='rbg')
-    augment_key, view_key, dropout_key = jax.random.split(sampling_key, 3)
-    if augment_fn is not None:
-      batch = augment_fn(augment_key, batch)
-    view_images = make_views(view_key, batch['image'], config.augment, config.model.conv_impl)
-    # All views share one forward pass: a batch of V * B.
-    network_input = jnp.concatenate(view_images, axis=0)
+    batch, network_input, num_views, dropout_key = step_inputs(state, batch, config, augment_fn)
 
     def compute_loss(params):
       outputs = model.apply({'params': params}, network_input, train=True,
                             rngs={'dropout': dropout_key})
-      return loss_fn(split_views(outputs, len(view_images)), batch, loss_config, state.step)
+      return loss_fn(split_views(outputs, num_views), batch, loss_config, state.step)
 
     (loss, loss_metrics), grads = jax.value_and_grad(compute_loss, has_aux=True)(state.params)
     finite = jnp.isfinite(loss) & _all_finite(grads)

@@ -17,9 +17,10 @@ from dualseg_jax.errors import ConfigError
 KEYS = {  # docs/design.md, per example (no batch axis); C = 2 for the joint stage
     'image': (np.float32, (16, 32, 32, 1)), 'label': (np.int32, (16, 32, 32)),
     'mask': (np.float32, (16, 32, 32, 2)), 'sdf': (np.float32, (16, 32, 32, 2)),
-    'sdf_valid': (np.bool_, (2,)),
-    'positive_positions': (np.int32, (8, 3)), 'positive_valid': (np.bool_, (8,)),
-    'negative_positions': (np.int32, (8, 3)), 'negative_valid': (np.bool_, (8,)),
+    'sdf_scale_mm': (np.float32, (2, 2)), 'sdf_valid': (np.bool_, (2,)),
+    # data.contrastive_sampling 'per_slice': one row per 1/8 slice of the 16-slice patch.
+    'positive_positions': (np.int32, (2, 3)), 'positive_valid': (np.bool_, (2,)),
+    'negative_positions': (np.int32, (2, 3)), 'negative_valid': (np.bool_, (2,)),
     'slice_label': (np.float32, (16,)),
     'case_index': (np.int32, ()), 'center_index': (np.int32, ()), 'patch_start': (np.int32, (3,)),
 }
@@ -89,29 +90,60 @@ def test_batches_follow_the_contract_and_the_cache(setup):
       np.testing.assert_array_equal(batch['label'][i], label)
       np.testing.assert_array_equal(batch['mask'][i], targets.stage_channel_masks(label, 'joint'))
       for channel, name in enumerate(('sdf_pancreas', 'sdf_tumour')):
-        np.testing.assert_array_equal(batch['sdf'][i, ..., channel],
-                                      _reference_window(arrays[name], start, size, None))
         channel_mask = batch['mask'][i, ..., channel] > 0
+        # The case's distances in mm, cropped, the label's sign, normalised per patch.
+        cropped = np.abs(_reference_window(arrays[name], start, size, None))
+        signed = np.where(channel_mask, -cropped, cropped)
+        expected = np.where(signed > 0, signed / max(signed.max(), 1e-6),
+                            signed / max(-signed.min(), 1e-6))
+        np.testing.assert_allclose(batch['sdf'][i, ..., channel], expected, rtol=1e-6)
+        if channel_mask.any() and not channel_mask.all():
+          np.testing.assert_array_equal(batch['sdf'][i, ..., channel] < 0, channel_mask)
+          assert batch['sdf'][i, ..., channel].min() == -1 and batch['sdf'][i, ..., channel].max() == 1
         assert batch['sdf_valid'][i, channel] == (channel_mask.any() and not channel_mask.all())
       tumour = label == 2
       np.testing.assert_array_equal(batch['slice_label'][i],
                                     targets.slice_labels(tumour, config.loss.slice_min_voxels))
-      # Positives sit on the case's tumour skeleton inside the patch; negatives hold background.
+      # Row z of the positions is 1/8 slice z. Positives sit on the case's tumour skeleton inside
+      # the patch, in cells holding tumour; negatives near the tumour, in cells holding none.
       skeleton = preprocess.load_arrays(cache, case.center, case.case_id,
                                         ['skeleton_tumour'])['skeleton_tumour']
       cells = {tuple((voxel - start) // 8) for voxel in skeleton
                if np.all((voxel - start >= 0) & (voxel - start < size))}
-      for position in batch['positive_positions'][i][batch['positive_valid'][i]]:
-        assert tuple(position) in cells
-        valid_seen['positive'] += 1
-      blocks = tumour.reshape(2, 8, 4, 8, 4, 8)
-      holds_background = ~blocks.all(axis=(1, 3, 5))
+      holds_tumour = tumour.reshape(2, 8, 4, 8, 4, 8).any(axis=(1, 3, 5))
       holds_near_tumour = targets.cube_dilation(tumour, 21).reshape(2, 8, 4, 8, 4, 8).any(
           axis=(1, 3, 5))
-      for position in batch['negative_positions'][i][batch['negative_valid'][i]]:
-        assert holds_background[tuple(position)] and holds_near_tumour[tuple(position)]
-        valid_seen['negative'] += 1
+      chosen = {}
+      for kind in ('positive', 'negative'):
+        valid = batch[f'{kind}_valid'][i]
+        positions = batch[f'{kind}_positions'][i]
+        np.testing.assert_array_equal(positions[valid, 0], np.flatnonzero(valid))
+        assert not positions[~valid].any()
+        chosen[kind] = {tuple(position) for position in positions[valid]}
+        valid_seen[kind] += int(valid.sum())
+      for position in chosen['positive']:
+        assert position in cells and holds_tumour[position]
+      for position in chosen['negative']:
+        assert not holds_tumour[position] and holds_near_tumour[position]
+      if not tumour.any():
+        assert not chosen['positive'] and not chosen['negative']
   assert valid_seen['positive'] > 0 and valid_seen['negative'] > 0
+
+
+def test_uniform_sampling_draws_num_positions_and_an_unknown_sampling_names_the_key(setup):
+  config, cache, split = setup
+  cases = [case for case in loader.cached_cases(cache, split.train, 'joint', config.data.centers)
+           if case.tumour_box is not None]
+  settings = loader.PatchSettings.from_config(
+      _config(setup, contrastive_sampling='uniform', joint_tumour_fraction=1.0,
+              random_patch_fraction=0.0))
+  example = loader.sample_patch(cases[0], settings, np.random.default_rng(0))
+  for kind in ('positive', 'negative'):
+    assert example[f'{kind}_positions'].shape == (config.data.num_positions, 3)
+    assert example[f'{kind}_valid'].shape == (config.data.num_positions,)
+    assert example[f'{kind}_valid'].all()  # centred on tumour: skeleton and ring both present
+  with pytest.raises(ConfigError, match='data.contrastive_sampling'):
+    loader.PatchSettings.from_config(_config(setup, contrastive_sampling='random'))
 
 
 def test_patch_lies_in_the_pancreas_roi_and_tumour_stages_centre_on_tumour(setup):

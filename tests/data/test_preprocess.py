@@ -108,7 +108,7 @@ def test_case_keeps_extent_position_and_label_volume(tmp_path):
   # Soft tissue at 40 HU through the (-100, 240) window, away from any edge.
   assert np.isclose(arrays['image'], (40 + 100) / 340, atol=1e-6).mean() > 0.3
   for structure, mask in (('pancreas', arrays['label'] >= 1), ('tumour', arrays['label'] == 2)):
-    expected, valid = targets.normalized_sdf(mask, metadata['spacing_mm'])
+    expected, valid = targets.signed_distance_mm(mask, metadata['spacing_mm'])
     assert valid and metadata[f'{structure}_sdf_valid']
     np.testing.assert_array_equal(arrays[f'sdf_{structure}'], expected)
     skeleton = arrays[f'skeleton_{structure}']

@@ -142,6 +142,23 @@ def test_interrupted_ablation_resumes_without_redoing_finished_runs(tmp_path):
   assert longer.calls == ['seg_only', '+sdf', '+transform', '+views', 'full']
 
 
+def test_shards_share_the_runs_and_the_unsharded_command_writes_the_table(tmp_path):
+  config = _config(tmp_path / 'data')
+  first, second = fakes.FakeTraining(), fakes.FakeTraining()
+  assert ablation.run_ablation(config, tmp_path / 'exp', 'paper', seeds=[2022, 2023],
+                               train_fn=first, shard=(0, 2)) is None
+  ablation.run_ablation(config, tmp_path / 'exp', 'paper', seeds=[2022, 2023], train_fn=second,
+                        shard=(1, 2))
+  planned = [run.spec.name for run in ablation.plan(config, 'paper', [2022, 2023])]
+  assert first.calls == planned[0::2] and second.calls == planned[1::2]
+  assert not (tmp_path / 'exp' / 'ablation.csv').exists()
+  tables = fakes.FakeTraining()
+  ablation.run_ablation(config, tmp_path / 'exp', 'paper', seeds=[2022, 2023], train_fn=tables)
+  assert tables.calls == [] and (tmp_path / 'exp' / 'ablation.csv').exists()
+  with pytest.raises(ablation.ConfigError, match='--shard=2/2'):
+    ablation.run_ablation(config, tmp_path / 'exp', 'paper', train_fn=tables, shard=(2, 2))
+
+
 def test_dry_run_lists_variants_and_runs_nothing(tmp_path):
   workdir = tmp_path / 'exp'
   completed = subprocess.run(

@@ -117,3 +117,69 @@ def test_single_structure_stages():
   assert not restricted.any()
   with pytest.raises(ConfigError, match='num_classes'):
     postprocess.probabilities_to_label(probabilities, 'joint', config)
+
+
+def _true_pancreas_beside_a_false_blob():
+  """A confident 300-voxel pancreas, a borderline 800-voxel false blob (more than twice its
+  size), a 2-voxel speck; voxels of 2 x 1.5 x 1.5 mm = 4.5 mm^3."""
+  pancreas = _box(np.zeros(SHAPE, bool), (2, 2, 2), (3, 10, 10))
+  blob = _box(np.zeros(SHAPE, bool), (8, 10, 10), (8, 10, 10))
+  speck = _box(np.zeros(SHAPE, bool), (18, 27, 27), (1, 1, 2))
+  probabilities = np.where(pancreas | speck, 0.95, np.where(blob, 0.6, 0.05)).astype(np.float32)
+  return pancreas, blob, speck, probabilities, (2.0, 1.5, 1.5)
+
+
+def test_min_volume_and_probability_mass_keep_a_small_true_pancreas_beside_a_big_blob():
+  pancreas, blob, speck, probabilities, spacing_mm = _true_pancreas_beside_a_false_blob()
+  mask = pancreas | blob | speck
+  np.testing.assert_array_equal(postprocess.keep_components(mask, 'largest'), blob)
+  np.testing.assert_array_equal(postprocess.keep_components(mask, 'fraction', 0.5), blob)
+  # 300 voxels = 1350 mm^3 and 800 = 3600 mm^3 stay; the speck's 9 mm^3 goes.
+  kept = postprocess.keep_components(mask, 'min_volume', spacing_mm=spacing_mm,
+                                     min_volume_mm3=500.0)
+  np.testing.assert_array_equal(kept, pancreas | blob)
+  # Masses 285 (pancreas) and 480 (blob): 285 > 0.5 x 480; the speck's 1.9 is not.
+  kept = postprocess.keep_components(mask, 'largest_probability_mass', 0.5,
+                                     probabilities=probabilities)
+  np.testing.assert_array_equal(kept, pancreas | blob)
+  kept = postprocess.keep_components(mask, 'largest_probability_mass', 0.7,
+                                     probabilities=probabilities)
+  np.testing.assert_array_equal(kept, blob)
+  confident = np.where(pancreas, 0.99, np.where(blob, 0.3, 0.0))
+  kept = postprocess.keep_components(pancreas | blob, 'largest_probability_mass', 1.0,
+                                     probabilities=confident)  # 297 against 240
+  np.testing.assert_array_equal(kept, pancreas)
+
+
+def test_min_volume_counts_whole_voxels_of_the_given_spacing():
+  mask = np.zeros(SHAPE, bool)
+  mask.reshape(-1)[:112] = True  # a run of voxels along x: one component of 112 x 4.5 = 504 mm^3
+  assert postprocess.keep_components(mask, 'min_volume', spacing_mm=(2.0, 1.5, 1.5),
+                                     min_volume_mm3=504.0).sum() == 112
+  assert not postprocess.keep_components(mask, 'min_volume', spacing_mm=(2.0, 1.5, 1.5),
+                                         min_volume_mm3=504.5).any()
+  assert postprocess.keep_components(mask, 'min_volume', spacing_mm=(3.0, 1.5, 1.5),
+                                     min_volume_mm3=504.5).sum() == 112
+  with pytest.raises(ValueError, match='spacing_mm'):
+    postprocess.keep_components(mask, 'min_volume')
+  with pytest.raises(ValueError, match='probabilities'):
+    postprocess.keep_components(mask, 'largest_probability_mass')
+
+
+def test_label_maps_with_the_new_rules_need_the_spacing_and_use_each_channel():
+  pancreas, blob, speck, probabilities, spacing_mm = _true_pancreas_beside_a_false_blob()
+  tumour = _box(np.zeros(SHAPE, bool), (3, 4, 4), (1, 3, 3))  # 9 voxels = 40.5 mm^3
+  joint = np.stack([probabilities, np.where(tumour, 0.9, 0.0)], -1).astype(np.float32)
+  config = _inference_config(postprocess='min_volume', min_component_mm3=500.0)
+  with pytest.raises(ConfigError, match='spacing'):
+    postprocess.probabilities_to_label(joint, 'joint', config)
+  label = postprocess.probabilities_to_label(joint, 'joint', config, spacing_mm=spacing_mm)
+  np.testing.assert_array_equal(label >= 1, pancreas | blob)
+  assert not (label == 2).any()  # the tumour is smaller than 500 mm^3
+  config = _inference_config(postprocess='min_volume', min_component_mm3=40.0)
+  label = postprocess.probabilities_to_label(joint, 'joint', config, spacing_mm=spacing_mm)
+  np.testing.assert_array_equal(label == 2, tumour)
+  config = _inference_config(postprocess='largest_probability_mass', component_fraction=0.5)
+  label = postprocess.probabilities_to_label(joint, 'joint', config)
+  np.testing.assert_array_equal(label >= 1, pancreas | blob)
+  np.testing.assert_array_equal(label == 2, tumour)

@@ -191,12 +191,13 @@ def test_consistency_matches_numpy(on_sdf):
   assert single == 0.0 and set(single_metrics) == set(metrics)
 
 
-def slow_nt_xent(views, batch, temperature):
-  """Loops over samples, view pairs, anchors and negatives."""
-  def feature(view, sample, position):
-    vector = view['embedding'][sample][tuple(position)].astype(np.float64)
-    return vector / np.linalg.norm(vector)
+def unit_feature(view, sample, position):
+  vector = view['embedding'][sample][tuple(position)].astype(np.float64)
+  return vector / np.linalg.norm(vector)
 
+
+def slow_view_paired_nt_xent(views, batch, temperature):
+  """Loops over samples, view pairs, anchors and negatives."""
   pairs = [(a, c) for a in range(len(views)) for c in range(len(views)) if a != c] or [(0, 0)]
   sample_losses = []
   for sample in range(BATCH):
@@ -204,13 +205,13 @@ def slow_nt_xent(views, batch, temperature):
     for (a, c), i in itertools.product(pairs, range(NUM_POSITIONS)):
       if not batch['positive_valid'][sample, i]:
         continue
-      anchor = feature(views[a], sample, batch['positive_positions'][sample, i])
-      partner = feature(views[c], sample, batch['positive_positions'][sample, i])
+      anchor = unit_feature(views[a], sample, batch['positive_positions'][sample, i])
+      partner = unit_feature(views[c], sample, batch['positive_positions'][sample, i])
       positive = np.exp(anchor @ partner / temperature)
       denominator = positive
       for view, j in itertools.product(views, range(NUM_POSITIONS)):
         if batch['negative_valid'][sample, j]:
-          negative = feature(view, sample, batch['negative_positions'][sample, j])
+          negative = unit_feature(view, sample, batch['negative_positions'][sample, j])
           denominator += np.exp(anchor @ negative / temperature)
       anchor_losses.append(-np.log(positive / denominator))
     if anchor_losses:
@@ -218,39 +219,134 @@ def slow_nt_xent(views, batch, temperature):
   return np.mean(sample_losses) if sample_losses else 0.0
 
 
+def slow_two_class_nt_xent(views, batch, temperature):
+  """Per sample: list every valid feature of every view with its class, then loop over ordered
+  same-class pairs; the denominator holds the pair and the anchor's other-class features."""
+  sample_losses = []
+  for sample in range(batch['positive_valid'].shape[0]):
+    features, classes = [], []
+    for view, kind in itertools.product(views, ('positive', 'negative')):
+      for row, valid in enumerate(batch[f'{kind}_valid'][sample]):
+        if valid:
+          features.append(unit_feature(view, sample, batch[f'{kind}_positions'][sample, row]))
+          classes.append(kind)
+    pair_losses = []
+    for i, j in itertools.permutations(range(len(features)), 2):
+      if classes[i] != classes[j]:
+        continue
+      similarity = features[i] @ features[j] / temperature
+      denominator = np.exp(similarity)
+      for k in range(len(features)):
+        if classes[k] != classes[i]:
+          denominator += np.exp(features[i] @ features[k] / temperature)
+      pair_losses.append(-similarity + np.log(denominator))
+    if pair_losses and len(set(classes)) == 2:
+      sample_losses.append(np.mean(pair_losses))
+  return (np.mean(sample_losses) if sample_losses else 0.0), len(sample_losses)
+
+
+T, F = True, False
+VALIDITY_CASES = {  # (positive_valid, negative_valid) of the two samples, 5 rows each
+    'some rows of each': ([[T, T, F, T, F], [F, T, T, F, F]], [[T, F, T, T, F], [T] * 5]),
+    'no positive in sample 1': ([[T, T, F, T, F], [F] * 5], [[T, F, T, T, F], [T] * 5]),
+    'one positive, one negative': ([[F, F, T, F, F], [T, F, F, F, F]],
+                                   [[F, T, F, F, F], [T, T, T, T, T]]),
+    'no negative in sample 0': ([[T, T, T, T, T], [T, F, T, F, T]], [[F] * 5, [F, F, F, F, T]]),
+    'nothing valid': ([[F] * 5, [F] * 5], [[F] * 5, [F] * 5]),
+}
+
+
+@pytest.mark.parametrize('case', list(VALIDITY_CASES))
 @pytest.mark.parametrize('num_views', [1, 2])
-def test_contrastive_matches_numpy(num_views):
+def test_two_class_contrastive_matches_numpy(num_views, case):
+  views, batch = make_views(30, num_views), make_batch(31)
+  positive_valid, negative_valid = VALIDITY_CASES[case]
+  batch['positive_valid'] = np.array(positive_valid)
+  batch['negative_valid'] = np.array(negative_valid)
+  for temperature in (0.5, 0.05):
+    config = loss_config(temperature=temperature, contrastive_form='two_class')
+    value, metrics = jax.jit(lambda v, b: losses.LOSSES['contrastive'](v, b, config, 0))(
+        views, batch)
+    expected, num_samples = slow_two_class_nt_xent(views, batch, temperature)
+    np.testing.assert_allclose(value, expected, rtol=1e-4, atol=1e-6)
+    assert metrics['samples'] == num_samples
+
+
+def test_two_class_contrastive_takes_differently_many_negative_rows():
+  views, batch = make_views(32), make_batch(33)
+  batch['positive_valid'][1, 0] = True
+  for name in ('negative_positions', 'negative_valid'):
+    batch[name] = batch[name][:, :3]
+  value, metrics = losses.LOSSES['contrastive'](views, batch, loss_config(temperature=0.5), 0)
+  expected, num_samples = slow_two_class_nt_xent(views, batch, 0.5)
+  np.testing.assert_allclose(value, expected, rtol=1e-5)
+  assert metrics['samples'] == num_samples == 2
+
+
+def test_two_class_pairs_leave_the_anchors_other_positives_out_of_the_denominator():
+  # One view, three positives at unit vectors a, a, b and one negative at c: each of the six
+  # ordered positive pairs' denominators holds exp s(pair) and exp s(anchor, c) only.
+  embedding = np.zeros((1, 1, 1, 4, 3), np.float32)
+  embedding[0, 0, 0] = [[1, 0, 0], [1, 0, 0], [0, 1, 0], [0.6, 0.8, 0]]
+  views = [{'embedding': embedding}]
+  batch = {'positive_positions': np.array([[[0, 0, 0], [0, 0, 1], [0, 0, 2]]], np.int32),
+           'positive_valid': np.ones((1, 3), bool),
+           'negative_positions': np.array([[[0, 0, 3]]], np.int32),
+           'negative_valid': np.ones((1, 1), bool)}
+  value, _ = losses.LOSSES['contrastive'](views, batch, loss_config(temperature=1.0), 0)
+  term = lambda s_pair, s_negative: -s_pair + np.log(np.exp(s_pair) + np.exp(s_negative))
+  # Pairs (a, a') twice; (a, b), (a', b) with anchor a: s = 0; (b, a), (b, a') with anchor b.
+  expected = (2 * term(1.0, 0.6) + 2 * term(0.0, 0.6) + 2 * term(0.0, 0.8)) / 6
+  np.testing.assert_allclose(value, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize('num_views', [1, 2])
+def test_view_paired_contrastive_matches_numpy(num_views):
   views, batch = make_views(12, num_views), make_batch(13)
   batch['positive_valid'][1, 3] = True  # both samples take part
   temperature = 0.5  # keeps the NumPy exponentials in range
-  value, metrics = losses.LOSSES['contrastive'](views, batch,
-                                                loss_config(temperature=temperature), 0)
-  np.testing.assert_allclose(value, slow_nt_xent(views, batch, temperature), rtol=1e-5)
+  config = loss_config(temperature=temperature, contrastive_form='view_paired')
+  value, metrics = losses.LOSSES['contrastive'](views, batch, config, 0)
+  np.testing.assert_allclose(value, slow_view_paired_nt_xent(views, batch, temperature), rtol=1e-5)
   assert metrics['samples'] == 2
 
 
-def test_contrastive_skips_samples_without_positives():
+def test_view_paired_contrastive_skips_samples_without_positives():
   views, batch = make_views(14), make_batch(15)  # sample 1 has no valid positive
-  config = loss_config(temperature=0.5)
+  config = loss_config(temperature=0.5, contrastive_form='view_paired')
   value, metrics = losses.LOSSES['contrastive'](views, batch, config, 0)
-  np.testing.assert_allclose(value, slow_nt_xent(views, batch, 0.5), rtol=1e-5)
+  np.testing.assert_allclose(value, slow_view_paired_nt_xent(views, batch, 0.5), rtol=1e-5)
   assert metrics['samples'] == 1
   batch['positive_valid'][:] = False
   value, metrics = losses.LOSSES['contrastive'](views, batch, config, 0)
   assert value == 0.0 and metrics['samples'] == 0
 
 
-def test_contrastive_at_the_paper_temperature_is_finite_with_its_gradient():
+def test_two_class_is_the_default_and_an_unknown_form_names_the_key():
+  assert config_base.base_config().loss.contrastive_form == 'two_class'
+  with pytest.raises(ConfigError, match='loss.contrastive_form'):
+    losses.LOSSES['contrastive'](make_views(0), make_batch(0),
+                                 loss_config(contrastive_form='simclr'), 0)
+
+
+@pytest.mark.parametrize('form', ['two_class', 'view_paired'])
+@pytest.mark.parametrize('anything_valid', [True, False])
+def test_contrastive_at_the_paper_temperature_is_finite_with_its_gradient(form, anything_valid):
   views, batch = make_views(16), make_batch(17)
   views[0]['embedding'][0, 0, 0, 0] = 0.0  # a dead (all-zero after ReLU) feature
+  if not anything_valid:
+    batch['positive_valid'][:] = False
+    batch['negative_valid'][:] = False
 
   def loss_of(embeddings):
     new_views = [dict(view, embedding=e) for view, e in zip(views, embeddings)]
-    return losses.LOSSES['contrastive'](new_views, batch, loss_config(), 0)[0]
+    return losses.LOSSES['contrastive'](new_views, batch,
+                                        loss_config(contrastive_form=form), 0)[0]
 
-  value, gradient = jax.value_and_grad(loss_of)([v['embedding'] for v in views])
-  assert np.isfinite(value)
+  value, gradient = jax.jit(jax.value_and_grad(loss_of))([v['embedding'] for v in views])
+  assert np.isfinite(value) and (anything_valid or value == 0.0)
   assert all(np.all(np.isfinite(g)) for g in gradient)
+  assert anything_valid == any(np.any(g != 0) for g in gradient)
 
 
 def test_slice_bce_matches_numpy_and_needs_the_slice_head():

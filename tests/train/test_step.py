@@ -94,6 +94,7 @@ def sphere_batch(batch_size=1, num_positions=8):
       'label': batched(label.astype(np.int32)),
       'mask': batched(masks),
       'sdf': batched(sdf.astype(np.float32)),
+      'sdf_scale_mm': batched(np.ones((2, 2), np.float32)),
       'sdf_valid': batched(np.ones(2, bool)),
       'positive_positions': batched(positive.astype(np.int32)),
       'positive_valid': batched(np.ones(num_positions, bool)),
@@ -124,18 +125,19 @@ def test_train_steps_lower_the_loss_of_a_fixed_batch(trainer):
   batch = sphere_batch()
   schedule = optimizer_lib.make_schedule(config.optim, config.train.steps)
   losses_seen = []
-  for index in range(8):
+  for index in range(20):
     state, metrics = train_step(state, batch)
     losses_seen.append(float(metrics['loss']))
     np.testing.assert_allclose(metrics['learning_rate'], schedule(index), rtol=1e-6)
-  assert int(state.step) == 8 and int(state.total_bad_steps) == 0
+  assert int(state.step) == 20 and int(state.total_bad_steps) == 0
   for name, weight in config.loss.weights.items():
     assert (name in metrics) == (weight != 0)
   assert {'loss', 'learning_rate', 'grad_norm', 'nonfinite'} <= set(metrics)
   assert float(metrics['nonfinite']) == 0.0 and float(metrics['grad_norm']) > 0
   assert np.all(np.isfinite(losses_seen))
-  # Measured: 6.58 -> 5.67 over 8 steps of the tiny network at lr 1e-3.
-  assert np.mean(losses_seen[-3:]) < 0.9 * losses_seen[0], losses_seen
+  # Measured: 3.57 -> 3.20 (mean of the last five) over 20 steps of the tiny network at lr 1e-3;
+  # fresh RandConv views every step make single losses noisy, mostly through the contrastive term.
+  assert np.mean(losses_seen[-5:]) < 0.92 * losses_seen[0], losses_seen
 
 
 def test_nonfinite_batch_leaves_the_state_unchanged_and_is_counted(trainer):

@@ -1,0 +1,44 @@
+"""Chooses the post-processing rule of a finished run on its validation cases:
+`python -m launch.postprocess_study --workdir=RUN [--split=val,test]
+[--rules=none,largest,fraction,min_volume,largest_probability_mass] [--tta=N] [--checkpoint=best]`.
+
+Each case is predicted once and every rule applied to the same probabilities; validation Dice
+picks the rule, test Dice (--split=val,test) is only reported. Writes RUN/postprocess_study.json
+and RUN/postprocess_study.md.
+"""
+
+import pathlib
+import sys
+
+from absl import app
+from absl import flags
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory (config.json, checkpoints/).')
+_SPLIT = flags.DEFINE_list('split', ['val'], 'val, or val,test to also report the held-out center.')
+_RULES = flags.DEFINE_list('rules', None, 'Rules to compare (default: every inference.postprocess '
+                           'rule).')
+_TTA = flags.DEFINE_integer('tta', None, 'Test-time flip combinations, 1 (none) to 8; default: '
+                            'the run config (inference.tta_flips).')
+_CHECKPOINT = flags.DEFINE_enum('checkpoint', None, ['best', 'latest'],
+                                'Which checkpoint; default: the run config (inference.checkpoint).')
+flags.mark_flags_as_required(['workdir'])
+
+
+def main(argv):
+  del argv
+  import logging
+  from dualseg_jax.errors import ConfigError, DataError  # deferred: --help answers without jax
+  from dualseg_jax.experiments import postprocess_study
+  from dualseg_jax.inference import postprocess
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
+  try:
+    report = postprocess_study.run_study(_WORKDIR.value, splits=_SPLIT.value,
+                                rules=_RULES.value or postprocess.COMPONENT_RULES,
+                                tta_flips=_TTA.value, checkpoint=_CHECKPOINT.value)
+  except (DataError, ConfigError) as error:
+    sys.exit(f'error: {error}')
+  print(pathlib.Path(report['workdir'], postprocess_study.MARKDOWN_NAME).read_text(), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -10,7 +10,8 @@ import ml_collections
 
 def run(what: str, config: ml_collections.ConfigDict, repeats: int = 10,
         inference_shape: tuple[int, int, int] | None = None, loader_batches: int = 20,
-        train_steps: int = 60) -> Iterator[dict[str, Any]]:
+        train_steps: int = 60, workdir: str | None = None, step: int = 0
+        ) -> Iterator[dict[str, Any]]:
   """Yields one row (a JSON-able dict naming the device) per measurement."""
   if what == 'step':
     from dualseg_jax.train import bench as step_bench
@@ -21,6 +22,10 @@ def run(what: str, config: ml_collections.ConfigDict, repeats: int = 10,
   elif what == 'loader':
     from dualseg_jax.data import bench as loader_bench
     yield loader_bench.benchmark_loader(config, num_batches=loader_batches)
+  elif what == 'balance':
+    from dualseg_jax.train import bench as step_bench
+    yield step_bench.benchmark_balance(config, num_batches=loader_batches, workdir=workdir,
+                                       step=step)
   elif what == 'targets':
     from dualseg_jax.data import bench as loader_bench
     yield loader_bench.target_agreement(config, num_batches=loader_batches)
@@ -29,4 +34,4 @@ def run(what: str, config: ml_collections.ConfigDict, repeats: int = 10,
     kwargs = {'shape': inference_shape} if inference_shape else {}
     yield from inference_bench.benchmark_inference(config, **kwargs)
   else:
-    raise ValueError(f'unknown benchmark {what!r}: choose step, train, loader, targets or inference')
+    raise ValueError(f'unknown benchmark {what!r}: choose step, train, loader, targets, balance or inference')

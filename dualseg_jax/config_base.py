@@ -151,7 +151,8 @@ def base_config() -> ml_collections.ConfigDict:
   # component_fraction x the largest) | 'min_volume' (at least min_component_mm3 each) |
   # 'largest_probability_mass' (the largest summed probability, and those above
   # component_fraction x that mass). See dualseg_jax/inference/postprocess.py.
-  inference.postprocess = 'fraction'
+  # Chosen on validation (docs/results.md, section 6): 'largest'.
+  inference.postprocess = 'largest'
   inference.component_fraction = 0.5
   inference.min_component_mm3 = 500.0  # 'min_volume': about a sphere of 1 cm diameter
   inference.tumour_inside_pancreas = True

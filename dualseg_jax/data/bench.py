@@ -80,6 +80,23 @@ def benchmark_loader(config: ml_collections.ConfigDict, num_batches: int = 20,
   return result
 
 
+def training_batches(config: ml_collections.ConfigDict
+                     ) -> tuple[ml_collections.ConfigDict, preprocess.Cache, Any]:
+  """(a resolved copy of `config`, its cache, its training iterator on this process alone), with
+  the synthetic data generated and the cache built when missing."""
+  from dualseg_jax.data import pipeline  # deferred: pulls in jax
+  config = config.copy_and_resolve_references()
+  pipeline.resolve_data_root(config)
+  if config.data.source == 'synthetic':
+    from dualseg_jax.data import phantoms  # deferred: only synthetic runs generate data
+    phantoms.ensure_synthetic_data(config.data)
+  cache = preprocess.ensure_cache(config, progress=False)
+  split = registry.split_cases(config.data, registry.list_cases(config.data), config.seed)
+  iterator = loader.make_train_iterator(config, split.train, cache, config.seed,
+                                        process_index=0, process_count=1)
+  return config, cache, iterator
+
+
 def target_agreement(config: ml_collections.ConfigDict, num_batches: int = 20,
                      sharpness: tuple[float, ...] = (50.0, 1500.0)) -> dict[str, Any]:
   """How well a perfect SDF prediction, pushed through sigmoid(-k sdf), reproduces the mask the
@@ -88,16 +105,7 @@ def target_agreement(config: ml_collections.ConfigDict, num_batches: int = 20,
   import jax  # deferred: the host part needs no accelerator
   from dualseg_jax.data import augment as augment_lib
 
-  config = config.copy_and_resolve_references()
-  if config.data.source == 'synthetic' and not config.data.root:
-    config.data.root = 'data/synthetic'
-  if config.data.source == 'synthetic':
-    from dualseg_jax.data import phantoms  # deferred: only synthetic runs generate data
-    phantoms.ensure_synthetic_data(config.data)
-  cache = preprocess.ensure_cache(config, progress=False)
-  split = registry.split_cases(config.data, registry.list_cases(config.data), config.seed)
-  iterator = loader.make_train_iterator(config, split.train, cache, config.seed,
-                                        process_index=0, process_count=1)
+  config, cache, iterator = training_batches(config)
   augment_fn = jax.jit(lambda key, b: augment_lib.augment_batch(
       key, b, config.augment, cache.settings.target_spacing_mm, config.loss.slice_min_voxels))
   structures = loader._STAGE_STRUCTURES[config.stage]

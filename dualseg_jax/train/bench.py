@@ -131,3 +131,42 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 60, repea
       'train_over_bare': round(train_rate / bare_rate, 3),
       'within_10_percent': bool(train_rate >= 0.9 * bare_rate),
   }
+
+
+def benchmark_balance(config: ml_collections.ConfigDict, num_batches: int = 4,
+                      workdir: str | None = None, step: int = 0) -> dict[str, Any]:
+  """Each active weighted term's gradient norm over the encoder (`train.balance`), mean over
+  `num_batches` real training batches of `config` at train step `step` (ramps and anneals as
+  there), from initialisation or, with `workdir`, from that run's latest checkpoint; with the
+  per-call time against the bare step's."""
+  from dualseg_jax.data import bench as data_bench
+  from dualseg_jax.data import pipeline
+  from dualseg_jax.train import balance as balance_lib
+  from dualseg_jax.train import checkpoint as checkpoint_lib
+
+  config, _, iterator = data_bench.training_batches(config)
+  patch_size = tuple(config.data.patch_size)
+  model, state, _ = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed), patch_size)
+  source = 'initialisation'
+  if workdir:
+    params, restored_step = checkpoint_lib.restore_params(workdir, 'latest')
+    state = state.replace(params=params)
+    source = f'{workdir} step {restored_step}'
+  state = state.replace(step=jnp.asarray(step, jnp.int32))
+  balance_fn = jax.jit(balance_lib.make_balance_fn(model, config,
+                                                   pipeline.device_augmentation(config)))
+  rows, times_ms = [], []
+  for index in range(num_batches):
+    batch = jax.device_put(next(iterator))
+    started = time.perf_counter()
+    # A fresh augmentation and view draw per batch.
+    rows.append(jax.device_get(balance_fn(state.replace(rng=jax.random.PRNGKey(index)), batch)))
+    times_ms.append((time.perf_counter() - started) * 1e3)
+  names = sorted(rows[0])
+  result = {'what': 'balance', 'device': jax.devices()[0].device_kind, 'preset': config.preset,
+            'params_from': source, 'step': step, 'batches': num_batches,
+            'call_time_ms': round(statistics.median(times_ms[1:] or times_ms), 1)}
+  for name in names:
+    values = [float(row[name]) for row in rows if np.isfinite(row[name])]
+    result[name] = round(float(np.mean(values)), 5) if values else None
+  return result

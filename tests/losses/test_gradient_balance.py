@@ -6,7 +6,7 @@ import numpy as np
 
 from dualseg_jax import losses
 from dualseg_jax import models
-from dualseg_jax.data import targets
+from dualseg_jax.train import bench as train_bench
 
 ENCODER_LEVELS = ('stem', 'encoder0', 'encoder1', 'encoder2', 'encoder3', 'dilated')
 # Measured on this test's set-up (tiny network, means over 3 initialisations): the weighted
@@ -18,21 +18,8 @@ MAX_CONTRASTIVE_TO_DICE = 1000.0
 
 def phantom_sample(config, seed):
   """An ellipsoid pancreas holding a tumour, with every target of the config's sampling."""
-  depth, height, width = config.data.patch_size
-  rng = np.random.default_rng(seed)
-  grid = np.stack(np.meshgrid(*(np.linspace(-1, 1, n) for n in (depth, height, width)),
-                              indexing='ij'), axis=-1)
-  pancreas = ((grid / np.array([0.6, 0.35, 0.7])) ** 2).sum(-1) < 1
-  tumour = (((grid - np.array([0.1, 0.0, 0.2])) / np.array([0.25, 0.15, 0.2])) ** 2).sum(-1) < 1
-  label = np.where(tumour & pancreas, 2, np.where(pancreas, 1, 0)).astype(np.int32)
-  image = np.clip(0.4 + 0.2 * pancreas - 0.1 * tumour + 0.05 * rng.standard_normal(label.shape),
-                  0, 1)
-  sample = targets.make_targets(label, config.stage, config.data.target_spacing_mm, rng,
-                                config.data.num_positions, config.loss.slice_min_voxels,
-                                tuple(config.data.ring_side_vox),
-                                config.data.contrastive_sampling)
-  sample['image'] = image[..., None].astype(np.float32)
-  return {name: jnp.asarray(value[None]) for name, value in sample.items()}
+  return {name: jnp.asarray(value)
+          for name, value in train_bench.synthetic_batch(config, 1, seed).items()}
 
 
 def level_norms(gradient):

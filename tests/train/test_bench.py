@@ -51,3 +51,14 @@ def test_targets_row_reports_that_a_perfect_sdf_gives_back_the_mask(phantom_root
   assert row['benchmark'] == 'targets' and row['pancreas_patches'] > 0
   assert row['pancreas_k1500_dice_mean'] >= 0.98
   assert row['pancreas_k50_dice_mean'] < row['pancreas_k1500_dice_mean']
+
+
+def test_balance_row_gives_each_active_term_an_encoder_gradient_norm(phantom_root):
+  config = tiny_run_config(phantom_root, steps=3)
+  [row] = list(bench.run('balance', config, loader_batches=2))
+  json.dumps(row)
+  assert row['what'] == 'balance' and row['params_from'] == 'initialisation'
+  active = [name for name, weight in config.loss.weights.items() if weight != 0]
+  for name in active:
+    assert row[f'grad_norm/{name}'] is not None and row[f'grad_norm/{name}'] >= 0
+  assert row['grad_norm/dice'] > 0 and row['call_time_ms'] > 0

@@ -1,7 +1,9 @@
 """Scores predicted label maps against references:
 `python -m launch.evaluate --pred=DIR --gt=DIR --out=DIR [--centers=MANIFEST] [--images=DIR]`.
 
-Cases are matched by file name. Writes per_case.csv, summary.json, summary.md and evaluation.png.
+Cases are matched by file name. Writes per_case.csv, summary.md, evaluation.png and, last,
+summary.json, each whole or not at all. A prediction that cannot be read (e.g. truncated) is named
+and no report is written. One process at a time writes into --out.
 """
 
 import sys

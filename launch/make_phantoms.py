@@ -27,6 +27,9 @@ _MEASURE = flags.DEFINE_boolean(
 _MEASURE_SPACING_MM = flags.DEFINE_multi_string(
     'measure_spacing_mm', ['3,3,3', '2.5,1.5,1.5'],
     'z,y,x spacing (mm) the images are resampled to (linearly) before --measure; repeatable.')
+_OVERWRITE = flags.DEFINE_boolean(
+    'overwrite', False, 'Replace a finished set already in --out (runs that read it then refuse '
+    'to resume or be evaluated, since their data changed).')
 flags.mark_flags_as_required(['out'])
 
 
@@ -37,6 +40,8 @@ def main(argv):
   except ValueError:
     sys.exit(f'error: --measure_spacing_mm {_MEASURE_SPACING_MM.value}: use z,y,x in mm')
   try:
+    if not _OVERWRITE.value:
+      phantoms.refuse_finished_set(_OUT.value)
     summary = phantoms.write_dataset(_OUT.value, _CASES_PER_CENTER.value, _SEED.value,
                                      _CENTERS.value, preview_path=_PREVIEW.value,
                                      measure_spacings_mm=spacings if _MEASURE.value else ())

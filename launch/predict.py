@@ -8,6 +8,9 @@ also <case>_probabilities.nii.gz and <case>_sdf.nii.gz. SPEC is the folder launc
 in, or a JSON file naming the runs pancreas_coarse, pancreas_fine, tumour_coarse, tumour_fine
 (paths relative to the file) with optional pancreas_margin_vox / tumour_margin_vox (z, y, x);
 the cascade also writes DIR/<case>_notes.json (e.g. no pancreas found).
+
+Each output is written whole or not at all; a prediction that was stopped or killed is finished by
+the same command with --resume. One process at a time predicts into DIR.
 """
 
 import sys
@@ -31,6 +34,9 @@ _SAVE_PROBABILITIES = flags.DEFINE_bool('save_probabilities', False,
                                         'Also write 4D float32 probabilities and SDF volumes '
                                         '(not with --cascade).')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace existing outputs.')
+_RESUME = flags.DEFINE_bool('resume', False,
+                            'Predict only the cases whose outputs are not all in --output yet '
+                            '(finishes an interrupted prediction; give the same run and flags).')
 _CHECKPOINT = flags.DEFINE_enum('checkpoint', None, ['best', 'latest'],
                                 'Which checkpoint; default: the run config (inference.checkpoint).')
 flags.mark_flags_as_required(['input', 'output'])
@@ -47,12 +53,12 @@ def main(argv):
                           'four runs: drop it, or predict with one stage via --workdir')
       written = run.predict_with_cascade(
           _CASCADE.value, _INPUT.value, _OUTPUT.value, tta_flips=_TTA.value,
-          overwrite=_OVERWRITE.value, checkpoint=_CHECKPOINT.value)
+          overwrite=_OVERWRITE.value, checkpoint=_CHECKPOINT.value, resume=_RESUME.value)
     else:
       written = run.predict_with_run(
           _WORKDIR.value, _INPUT.value, _OUTPUT.value, tta_flips=_TTA.value,
           save_probabilities=_SAVE_PROBABILITIES.value, overwrite=_OVERWRITE.value,
-          checkpoint=_CHECKPOINT.value)
+          checkpoint=_CHECKPOINT.value, resume=_RESUME.value)
   except (DataError, ConfigError) as error:
     sys.exit(f'error: {error}')
   for paths in written:

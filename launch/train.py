@@ -1,5 +1,7 @@
 """Trains one stage: `python -m launch.train --config=configs/three_center.py [--workdir=DIR]`."""
 
+import sys
+
 from absl import app
 from absl import flags
 from ml_collections import config_flags
@@ -17,7 +19,12 @@ flags.mark_flags_as_required(['config'])
 def main(argv):
   del argv
   from dualseg_jax.train import loop  # deferred so --help answers without importing jax
-  loop.main_from_flags(flags.FLAGS)
+  from dualseg_jax.errors import ConfigError, DataError
+  try:
+    loop.main_from_flags(flags.FLAGS)
+  except (ConfigError, DataError) as error:  # the message says what to do: no traceback
+    print(f'error: {error}', file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 if __name__ == '__main__':

@@ -24,10 +24,11 @@ def benchmark_loader(config: ml_collections.ConfigDict, num_batches: int = 20,
   """
   import jax  # deferred: the host part needs no accelerator
   from dualseg_jax.data import augment as augment_lib
+  from dualseg_jax.data import pipeline  # deferred: pulls in jax
 
   config = config.copy_and_resolve_references()
   if config.data.source == 'synthetic' and not config.data.root:
-    config.data.root = 'data/synthetic'
+    pipeline.resolve_data_root(config)
   started = time.perf_counter()
   cache = preprocess.ensure_cache(config, progress=False)
   cache_seconds = time.perf_counter() - started
@@ -104,6 +105,7 @@ def target_agreement(config: ml_collections.ConfigDict, num_batches: int = 20,
   distances"): soft Dice per structure and k, mean and minimum over the patches holding it."""
   import jax  # deferred: the host part needs no accelerator
   from dualseg_jax.data import augment as augment_lib
+  from dualseg_jax.data import pipeline  # deferred: pulls in jax
 
   config, cache, iterator = training_batches(config)
   augment_fn = jax.jit(lambda key, b: augment_lib.augment_batch(

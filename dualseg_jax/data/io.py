@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import glob
 import gzip
 import logging
 import math
 import os
 import pathlib
+import secrets
 import struct
 import zlib
 from collections.abc import Mapping, Sequence
@@ -17,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import nibabel as nib
 import numpy as np
 
+from dualseg_jax import files
 from dualseg_jax.data import volume as volume_lib
 from dualseg_jax.errors import ConfigError, DataError
 
@@ -452,7 +455,8 @@ def write_nifti(array_canonical: np.ndarray, geometry: volume_lib.Geometry,
   """Writes a canonical (z, y, x) array as NIfTI in `geometry`, the source's own orientation.
 
   `dtype` converts the array first (floats are rounded when written as integers). Parent folders
-  are created; the file appears complete or not at all.
+  are created; the file appears complete or not at all: it is written to a hidden sibling whose
+  name ends in .partial, which no reader lists, and renamed when complete.
   """
   path = pathlib.Path(path)
   if _suffix(path) not in NIFTI_SUFFIXES:
@@ -460,15 +464,40 @@ def write_nifti(array_canonical: np.ndarray, geometry: volume_lib.Geometry,
   array = _writable_array(np.asarray(array_canonical), dtype, path)
   image = volume_lib.to_nifti(array, geometry)
   image.set_data_dtype(array.dtype)
-  partial = path.with_name(f'.{path.name[:-len(_suffix(path))]}.partial{_suffix(path)}')
+  # One sibling per writer, as files.write_bytes names them: two writers of one path never
+  # rename each other's half-written file into place.
+  partial = path.with_name(f'.{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial')
   try:
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, partial)
+    # The partial name does not end in .nii.gz, so the compression is chosen here, with
+    # nibabel's own gzip settings (level 1, no time stamp): the bytes equal nib.save's.
+    if _suffix(path) == '.nii.gz':
+      stream = nib.openers.gzip_open(str(partial), 'wb',
+                                     compresslevel=nib.openers.Opener.default_compresslevel)
+    else:
+      stream = open(partial, 'wb')  # noqa: SIM115 (closed below)
+    with stream:
+      image.to_stream(stream)
     os.replace(partial, path)
   except OSError as error:
-    partial.unlink(missing_ok=True)
+    files.discard(partial)
+    refused = files.refused_write(error, path.name, path)
+    if refused is not None:
+      raise refused from error
     raise DataError(f'cannot write {path} ({error}): check the folder is writable') from error
+  except BaseException:
+    # Ctrl-C or a stop request mid-write: the half-written file goes with it.
+    files.discard(partial)
+    raise
   return path
+
+
+def partial_files(path: str | os.PathLike) -> list[pathlib.Path]:
+  """The half-written siblings of `path` that writers killed mid-write left behind."""
+  path = pathlib.Path(path)
+  if not path.parent.is_dir():
+    return []
+  return sorted(path.parent.glob(f'.{glob.escape(path.name)}.*.partial'))
 
 
 def write_volume(volume: volume_lib.Volume, path: str | os.PathLike, dtype=None) -> pathlib.Path:

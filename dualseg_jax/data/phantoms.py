@@ -28,7 +28,7 @@ from dualseg_jax.data import preprocess
 from dualseg_jax.data import volume as volume_lib
 from dualseg_jax.errors import ConfigError, DataError
 
-# Bump when the generator changes what it draws, so ensure_synthetic_data regenerates old folders.
+# Bump when the generator changes what it draws: a new version is a new folder (dataset_folder_name).
 GENERATOR_VERSION = 2
 PARAMETERS_FILE = 'phantoms.json'
 LABEL_NAMES = {'0': 'background', '1': 'pancreas', '2': 'cancer'}
@@ -1116,14 +1116,21 @@ def _check_centers(centers) -> tuple[str, ...]:
 
 def write_dataset(out_dir, cases_per_center: int, seed: int,
                   centers=tuple(CENTER_PROTOCOLS), preview_path=None,
-                  measure_spacings_mm=()) -> dict:
+                  measure_spacings_mm=(), keep_centers=()) -> dict:
   """Generate and write every center in MSD layout; returns per-center measurements and timing,
-  with `resampled`: {spacing (z, y, x): measure_center there} for each of `measure_spacings_mm`."""
+  with `resampled`: {spacing (z, y, x): measure_center there} for each of `measure_spacings_mm`.
+
+  `keep_centers`: centers a finished generation with the same parameters already wrote there;
+  their files stay untouched and the folder's record lists them with the new ones.
+  """
   centers = _check_centers(centers)
   if cases_per_center < 1:
     raise ConfigError(f'cases_per_center is {cases_per_center}; it must be at least 1')
   out_dir = pathlib.Path(out_dir)
-  previous = _read_parameters(out_dir)
+  previous = read_parameters(out_dir)
+  keep_centers = [center for center in keep_centers if center not in centers]
+  kept_files = [relative for relative in (previous or {}).get('files', [])
+                if relative.split('/')[0] in keep_centers]
   # Until the new set is complete, nothing may claim that the folder holds a finished set.
   (out_dir / PARAMETERS_FILE).unlink(missing_ok=True)
   for center in centers:
@@ -1155,17 +1162,19 @@ def write_dataset(out_dir, cases_per_center: int, seed: int,
     summary[center]['resampled'] = {
         tuple(spacing): measure_center(cases, protocol, resampled_spacing_mm=tuple(spacing))
         for spacing in measure_spacings_mm}
+  written = kept_files + written
   _remove_stale_files(out_dir, previous, written)
   parameters = dict(generator_version=GENERATOR_VERSION, seed=int(seed),
-                    cases_per_center=int(cases_per_center), centers=list(centers),
-                    files=written)
+                    cases_per_center=int(cases_per_center),
+                    centers=list(keep_centers) + list(centers), files=written)
   files.write_bytes(out_dir / PARAMETERS_FILE, (json.dumps(parameters, indent=2) + '\n').encode())
   if preview_path:
     write_preview(preview_path, preview_cases)
   return summary
 
 
-def _read_parameters(out_dir: pathlib.Path) -> dict | None:
+def read_parameters(out_dir: pathlib.Path) -> dict | None:
+  """The parameters a finished generation recorded in `out_dir`, or None."""
   path = out_dir / PARAMETERS_FILE
   if not path.is_file():
     return None
@@ -1186,28 +1195,79 @@ def _remove_stale_files(out_dir: pathlib.Path, previous: dict | None, written: l
       path.unlink()
 
 
+def refuse_finished_set(out_dir) -> None:
+  """Raises a DataError when `out_dir` holds a finished generation: runs may depend on it."""
+  parameters = read_parameters(pathlib.Path(out_dir))
+  if parameters is not None:
+    made_with = {key: value for key, value in parameters.items() if key != 'files'}
+    raise DataError(f'{out_dir} already holds synthetic phantoms ({made_with}); runs that read '
+                    'them would change under them: choose another --out, or pass --overwrite')
+
+
+def dataset_folder_name(data_config) -> str:
+  """The folder name of one parameter set: runs that differ in generator version, seed or size
+  each get their own folder, so no run regenerates the data another run reads."""
+  return (f'v{GENERATOR_VERSION}-seed{int(data_config.synthetic_seed)}-'
+          f'{int(data_config.synthetic_cases_per_center)}cases')
+
+
+def default_root(data_config) -> pathlib.Path:
+  """Where a synthetic run without data.root keeps its phantoms: data/synthetic/<parameters>."""
+  return pathlib.Path('data') / 'synthetic' / dataset_folder_name(data_config)
+
+
 def ensure_synthetic_data(data_config) -> pathlib.Path:
-  """The phantom folder for `data_config`, generated when missing or made with other parameters."""
-  root = pathlib.Path(data_config.root or 'data/synthetic')
+  """The phantom folder for `data_config`, generated when missing.
+
+  A finished set is never replaced: a folder generated with other parameters is refused, since
+  runs that trained or were evaluated on it would silently change. Two processes asking for the
+  same missing set at once generate it once (the second waits, then finds it).
+  """
+  from dualseg_jax import locks  # deferred: only generation needs the lock
+  root = pathlib.Path(data_config.root) if data_config.root else default_root(data_config)
   centers = _check_centers(data_config.centers)
   wanted = dict(generator_version=GENERATOR_VERSION, seed=int(data_config.synthetic_seed),
                 cases_per_center=int(data_config.synthetic_cases_per_center))
-  have_all = all((root / center / 'dataset.json').is_file() for center in centers)
-  previous = _read_parameters(root)
-  if have_all and previous is None:
-    logging.info('%s holds dataset.json for %s but no %s: using it as it is', root, centers,
-                 PARAMETERS_FILE)
+  if _usable(root, centers, wanted):
     return root
-  if have_all and previous is not None:
-    same = all(previous.get(key) == value for key, value in wanted.items())
-    if same and set(centers) <= set(previous.get('centers', [])):
+  with locks.hold(root, 'generating synthetic phantoms', wait=True):
+    if _usable(root, centers, wanted):  # another process generated it while this one waited
       return root
-    logging.info('%s was generated with %s; data config asks for %s: regenerating', root,
-                 {key: previous.get(key) for key in wanted}, wanted)
-  logging.info('Generating synthetic phantoms in %s: %d cases per center, seed %d', root,
-               wanted['cases_per_center'], wanted['seed'])
-  write_dataset(root, wanted['cases_per_center'], wanted['seed'], centers)
+    logging.info('Generating synthetic phantoms in %s: %d cases per center, seed %d', root,
+                 wanted['cases_per_center'], wanted['seed'])
+    finished = _finished_centers(root, wanted)
+    write_dataset(root, wanted['cases_per_center'], wanted['seed'],
+                  [center for center in centers if center not in finished], keep_centers=finished)
   return root
+
+
+def _usable(root: pathlib.Path, centers: tuple[str, ...], wanted: dict) -> bool:
+  """Whether `root` holds a finished set with the `wanted` parameters for every center; raises
+  when it holds a finished set made with other parameters."""
+  previous = read_parameters(root)
+  have_all = all((root / center / 'dataset.json').is_file() for center in centers)
+  if previous is None:
+    if have_all:
+      logging.info('%s holds dataset.json for %s but no %s: using it as it is', root, centers,
+                   PARAMETERS_FILE)
+    return have_all  # otherwise an unfinished generation (or nothing): generate
+  made_with = {key: previous.get(key) for key in wanted}
+  if made_with != wanted:
+    raise DataError(
+        f'{root} holds synthetic phantoms generated with {made_with}; this config asks for '
+        f'{wanted}. Runs that used that folder depend on it, so it is not regenerated: leave '
+        'data.root empty (each parameter set gets its own folder under data/synthetic/) or set '
+        '--config.data.root to a new folder')
+  return have_all and set(centers) <= set(previous.get('centers', []))
+
+
+def _finished_centers(root: pathlib.Path, wanted: dict) -> list[str]:
+  """Centers a finished generation with the `wanted` parameters wrote in `root` (each center's
+  cases depend only on the seed, so a generation adds the missing centers beside them)."""
+  previous = read_parameters(root)
+  if previous is None or any(previous.get(key) != value for key, value in wanted.items()):
+    return []
+  return list(previous.get('centers', []))
 
 
 # --- Preview -----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import pathlib
 
@@ -13,6 +14,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
+from dualseg_jax import files
 from dualseg_jax.data import augment
 from dualseg_jax.data import loader
 from dualseg_jax.data import preprocess
@@ -21,7 +23,8 @@ from dualseg_jax.errors import DataError
 
 log = logging.getLogger('dualseg_jax')
 
-DEFAULT_SYNTHETIC_ROOT = pathlib.Path('data') / 'synthetic'
+# What a run records about the files it read and will evaluate on (workdir/IDENTITY_FILE).
+IDENTITY_FILE = 'data_identity.json'
 
 
 @dataclasses.dataclass
@@ -38,10 +41,76 @@ class PreparedData:
 
 
 def resolve_data_root(config: ml_collections.ConfigDict) -> None:
-  """Synthetic runs without a root use ./data/synthetic, written as an absolute path so that the
-  run's config.json still finds the data from another directory."""
+  """Synthetic runs without a root use ./data/synthetic/<generator version, seed, size>, written
+  as an absolute path so that the run's config.json still finds the data from another directory."""
   if config.data.source == 'synthetic' and not config.data.root:
-    config.data.root = str(DEFAULT_SYNTHETIC_ROOT.absolute())
+    from dualseg_jax.data import phantoms  # deferred: only synthetic runs generate data
+    config.data.root = str(phantoms.default_root(config.data).absolute())
+
+
+def data_identity(config: ml_collections.ConfigDict, split: registry.Split) -> dict:
+  """What identifies the data of a run: every case of the split with its role and the size and
+  modification time of its files (a stat, so the held-out center is listed, never read), and for
+  synthetic data the generator's parameters."""
+  cases = {}
+  for role, group in (('train', split.train), ('val', split.val), ('test', split.test)):
+    for case in group:
+      stamps = {}
+      for kind, path in (('image', case.image_path), ('label', case.label_path)):
+        if path:
+          stat = pathlib.Path(path).stat()
+          stamps[kind] = [stat.st_size, stat.st_mtime_ns]
+      cases[f'{case.center}/{case.case_id}'] = {'role': role, **stamps}
+  identity = {'source': config.data.source, 'root': config.data.root, 'cases': cases}
+  if config.data.source == 'synthetic':
+    from dualseg_jax.data import phantoms  # deferred: only synthetic runs generate data
+    parameters = phantoms.read_parameters(pathlib.Path(config.data.root)) or {}
+    identity['phantoms'] = {key: value for key, value in parameters.items() if key != 'files'}
+  return identity
+
+
+def check_data_identity(config: ml_collections.ConfigDict, split: registry.Split,
+                        workdir: str | pathlib.Path) -> None:
+  """Records the run's data identity in a new workdir; in a workdir that has one, raises a
+  DataError naming what changed since (a resumed or re-evaluated run must read the data it
+  started with)."""
+  path = pathlib.Path(workdir) / IDENTITY_FILE
+  current = data_identity(config, split)
+  if not path.is_file():
+    if jax.process_index() == 0:
+      files.write_json(path, current)
+    return
+  recorded = json.loads(path.read_text())
+  changes = identity_changes(recorded, current)
+  if changes:
+    listed = '\n  '.join(changes[:10]) + (f'\n  ... and {len(changes) - 10} more'
+                                          if len(changes) > 10 else '')
+    raise DataError(f'the data of the run in {workdir} changed since it started ({path}):\n  '
+                    f'{listed}\nrestore the original data, or train and evaluate in a new '
+                    '--workdir')
+
+
+def identity_changes(recorded: dict, current: dict) -> list[str]:
+  """Human-readable differences between two data identities (empty when they agree)."""
+  changes = []
+  if recorded.get('phantoms') != current.get('phantoms'):
+    changes.append(f"synthetic generator parameters: run has {recorded.get('phantoms')}, "
+                   f"now {current.get('phantoms')}")
+  old_cases, new_cases = recorded.get('cases', {}), current.get('cases', {})
+  for name in sorted(set(old_cases) | set(new_cases)):
+    old, new = old_cases.get(name), new_cases.get(name)
+    if old is None:
+      changes.append(f'{name}: not in the run\'s data, now {new["role"]}')
+    elif new is None:
+      changes.append(f'{name}: {old["role"]} case of the run, now missing')
+    elif old['role'] != new['role']:
+      changes.append(f'{name}: {old["role"]} case of the run, now {new["role"]}')
+    else:
+      for kind in ('image', 'label'):
+        if old.get(kind) != new.get(kind):
+          changes.append(f'{name}: its {kind} file changed (size, time: run {old.get(kind)}, '
+                         f'now {new.get(kind)})')
+  return changes
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> PreparedData:
@@ -52,6 +121,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepare
   cases_by_center = registry.list_cases(config.data)
   split = registry.split_cases(config.data, cases_by_center, seed=config.seed)
   log.info('%s', split.summary())
+  check_data_identity(config, split, workdir)
   # Preprocessing reads every case once, reports every unreadable or inconsistent one in a
   # single error (or skips and lists them with data.skip_bad_cases), and never reads the test center.
   if jax.process_count() > 1 and jax.process_index() != 0:

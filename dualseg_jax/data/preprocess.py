@@ -36,6 +36,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dualseg_jax import files
+from dualseg_jax import locks
 from dualseg_jax.data import io
 from dualseg_jax.data import registry
 from dualseg_jax.data import targets
@@ -308,10 +309,14 @@ def _write_case(directory: pathlib.Path, arrays: dict[str, np.ndarray], metadata
   """Write into a sibling temporary folder, then rename: a case folder is complete or absent."""
   partial = directory.with_name(directory.name + '.partial')
   shutil.rmtree(partial, ignore_errors=True)
-  partial.mkdir(parents=True)
-  for name, array in arrays.items():
-    np.save(partial / f'{name}.npy', np.ascontiguousarray(array), allow_pickle=False)
-  (partial / CASE_FILE).write_text(json.dumps(metadata, indent=1) + '\n')
+  try:
+    partial.mkdir(parents=True)
+    for name, array in arrays.items():
+      np.save(partial / f'{name}.npy', np.ascontiguousarray(array), allow_pickle=False)
+    (partial / CASE_FILE).write_text(json.dumps(metadata, indent=1) + '\n')
+  except OSError:
+    shutil.rmtree(partial, ignore_errors=True)  # gives a full disk its space back
+    raise
   shutil.rmtree(directory, ignore_errors=True)
   os.replace(partial, directory)
 
@@ -341,6 +346,10 @@ def _up_to_date(directory: pathlib.Path, case: registry.Case) -> dict[str, Any] 
 
 # --- The whole cache ---------------------------------------------------------------------------
 
+# What a failed cache write leaves: each case folder is renamed into place only when complete.
+_CACHE_SAFE = 'the cases already cached are complete and kept'
+
+
 def build_cache(data_config: ml_collections.ConfigDict, cases: Sequence[registry.Case],
                 num_workers: int | None = None, progress: bool = True) -> Cache:
   """Bring the cache for `cases` up to date (building only missing or stale cases) and return it.
@@ -350,10 +359,33 @@ def build_cache(data_config: ml_collections.ConfigDict, cases: Sequence[registry
   """
   settings = Settings.from_config(data_config)
   directory = cache_root(data_config) / settings.hash
-  directory.mkdir(parents=True, exist_ok=True)
-  (directory / 'settings.json').write_text(json.dumps(settings.as_json(), indent=1) + '\n')
   num_workers = data_config.num_workers if num_workers is None else num_workers
+  # Two runs building one cache at once would write the same case folders and manifest: the
+  # second waits, then finds the cases built and only checks them.
+  with files.writing('the preprocessing cache', directory, safe=_CACHE_SAFE):
+    with locks.hold(directory, 'building the preprocessing cache', wait=True):
+      entries = _build_cases(settings, directory, cases, num_workers, progress)
+      ordered = {f'{c.center}/{c.case_id}': entries[f'{c.center}/{c.case_id}'] for c in cases}
+      manifest = {'settings_hash': settings.hash, 'settings': settings.as_json(), 'cases': ordered}
+      files.write_bytes(directory / MANIFEST_FILE, (json.dumps(manifest, indent=1) + '\n').encode())
 
+  problems = [p for entry in ordered.values() for p in entry['problems']]
+  for problem in problems:
+    log.warning('cache: %s', problem)
+  failed = [key for key, entry in ordered.items() if entry.get('failed')]
+  if failed and not data_config.skip_bad_cases:
+    raise DataError(
+        f'{len(failed)} of {len(ordered)} cases cannot be preprocessed (see {directory / MANIFEST_FILE}):'
+        '\n  - ' + '\n  - '.join(p for key in failed for p in ordered[key]['problems'])
+        + '\nfix or remove them, or set data.skip_bad_cases=True to train without them')
+  return Cache(directory=directory, settings=settings, cases=ordered)
+
+
+def _build_cases(settings: Settings, directory: pathlib.Path, cases: Sequence[registry.Case],
+                 num_workers: int, progress: bool) -> dict[str, dict[str, Any]]:
+  """Metadata of every case, building those missing or stale; the caller holds the cache's lock."""
+  files.write_bytes(directory / 'settings.json',
+                    (json.dumps(settings.as_json(), indent=1) + '\n').encode())
   entries: dict[str, dict[str, Any]] = {}
   to_build, seen = [], set()
   for case in cases:
@@ -376,31 +408,22 @@ def build_cache(data_config: ml_collections.ConfigDict, cases: Sequence[registry
       context = multiprocessing.get_context('spawn')
       with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
         futures = [pool.submit(_build_case, case, settings, out) for case, out in to_build]
-        for future in concurrent.futures.as_completed(futures):
-          metadata = future.result()
-          entries[f"{metadata['center']}/{metadata['case_id']}"] = metadata
-          bar.update(1)
+        try:
+          for future in concurrent.futures.as_completed(futures):
+            metadata = future.result()
+            entries[f"{metadata['center']}/{metadata['case_id']}"] = metadata
+            bar.update(1)
+        except BaseException:
+          for future in futures:  # a full disk fails them all: stop at the first
+            future.cancel()
+          raise
     else:
       for case, out in to_build:
         metadata = _build_case(case, settings, out)
         entries[f"{metadata['center']}/{metadata['case_id']}"] = metadata
         bar.update(1)
     bar.close()
-
-  ordered = {f'{c.center}/{c.case_id}': entries[f'{c.center}/{c.case_id}'] for c in cases}
-  manifest = {'settings_hash': settings.hash, 'settings': settings.as_json(), 'cases': ordered}
-  files.write_bytes(directory / MANIFEST_FILE, (json.dumps(manifest, indent=1) + '\n').encode())
-
-  problems = [p for entry in ordered.values() for p in entry['problems']]
-  for problem in problems:
-    log.warning('cache: %s', problem)
-  failed = [key for key, entry in ordered.items() if entry.get('failed')]
-  if failed and not data_config.skip_bad_cases:
-    raise DataError(
-        f'{len(failed)} of {len(ordered)} cases cannot be preprocessed (see {directory / MANIFEST_FILE}):'
-        '\n  - ' + '\n  - '.join(p for key in failed for p in ordered[key]['problems'])
-        + '\nfix or remove them, or set data.skip_bad_cases=True to train without them')
-  return Cache(directory=directory, settings=settings, cases=ordered)
+  return entries
 
 
 def ensure_cache(config: ml_collections.ConfigDict, cases: Sequence[registry.Case] | None = None,

@@ -1,19 +1,26 @@
 """Evaluating a folder of predicted label maps against a folder of references: per-case CSV,
 summary JSON and Markdown per structure and center, and a figure (box plots, example overlays).
+
+A prediction that cannot be read (a truncated or corrupt file) is reported by name and never
+scored; the report files are written whole or not at all, summary.json last, so a report
+folder with summary.json holds a finished report.
 """
 
 from __future__ import annotations
 
 import csv
+import io as text_io
 import json
 import logging
 import math
+import os
 import pathlib
 from typing import Any
 
 import numpy as np
 
 from dualseg_jax import files
+from dualseg_jax import locks
 from dualseg_jax.data import io
 from dualseg_jax.errors import DataError
 from dualseg_jax.evaluation import metrics as metrics_lib
@@ -47,6 +54,8 @@ def _volume_files(folder: pathlib.Path, what: str) -> dict[str, pathlib.Path]:
   for path in sorted(folder.iterdir()):
     if not path.is_file() or not any(path.name.lower().endswith(s) for s in _VOLUME_SUFFIXES):
       continue
+    if path.name.startswith('.'):
+      continue  # a half-written output (.NAME.partial) or macOS's ._NAME copy: never a case
     name = case_name(path)
     if name.endswith(_NON_LABEL_SUFFIXES):
       continue
@@ -100,8 +109,20 @@ def evaluate_folder(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path,
   evaluation.png; returns the summary dict: summary['by_center'][center][structure][metric] =
   {mean, std, median, n, n_excluded}, with center 'all' always present. `centers` is a manifest
   path or a {case: center} dict; `gt_label_map` (e.g. '7:1') maps reference label values.
+
+  A prediction that cannot be read is a DataError naming it (and every other one), raised
+  after the readable ones are scored and before any report file is written. `out_dir` is held
+  while the report is made: a second evaluation into it is refused (locks.FolderBusyError).
   """
-  pred_dir, gt_dir, out_dir = pathlib.Path(pred_dir), pathlib.Path(gt_dir), pathlib.Path(out_dir)
+  out_dir = pathlib.Path(out_dir)
+  with locks.hold(out_dir, 'an evaluation report'):
+    return _evaluate_folder(pathlib.Path(pred_dir), pathlib.Path(gt_dir), out_dir, centers,
+                            images_dir, nsd_tolerance_mm, gt_label_map, overwrite)
+
+
+def _evaluate_folder(pred_dir: pathlib.Path, gt_dir: pathlib.Path, out_dir: pathlib.Path,
+                     centers, images_dir, nsd_tolerance_mm: float, gt_label_map,
+                     overwrite: bool) -> dict:
   if not overwrite:
     existing = [name for name in REPORT_FILES if (out_dir / name).exists()]
     if existing:
@@ -128,10 +149,16 @@ def evaluate_folder(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path,
                       f'case(s), e.g. {unassigned[:5]}: add them')
 
   rows = []
+  unreadable = []  # why each prediction that cannot be read failed
   for name, reference_path in references.items():
     prediction_path = predictions[name]
+    try:
+      prediction = _read_label(prediction_path, None)
+    except DataError as error:
+      # The reader's advice is for scans; a prediction is made again, not re-exported.
+      unreadable.append(str(error).removesuffix(': re-export it'))
+      continue
     reference = _read_label(reference_path, gt_label_map)
-    prediction = _read_label(prediction_path, None)
     if not io.same_canonical_grid(prediction, reference):
       raise DataError(
           f'prediction {prediction_path} (shape {prediction.geometry.shape}, affine\n'
@@ -143,6 +170,13 @@ def evaluate_folder(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path,
                                              reference.spacing_mm, nsd_tolerance_mm)
     for structure, values in per_structure.items():
       rows.append({'case': name, 'center': center, 'structure': structure, **values})
+  if unreadable:
+    # A case left out would shift every mean, so there is no report without it.
+    raise DataError(
+        f'{len(unreadable)} of {len(references)} prediction(s) cannot be read, so no report is '
+        'written: ' + '; '.join(f'bad prediction {why}' for why in unreadable)
+        + '. Predict these cases again: delete the files named, then rerun launch.predict into '
+        'the same folder with --resume')
 
   out_dir.mkdir(parents=True, exist_ok=True)
   summary = {
@@ -158,13 +192,20 @@ def evaluate_folder(pred_dir: str | pathlib.Path, gt_dir: str | pathlib.Path,
           ('markdown', 'summary.md'), ('figure', 'evaluation.png'))},
   }
   _write_csv(rows, out_dir / 'per_case.csv')
-  files.write_json(out_dir / 'summary.json', summary)
-  (out_dir / 'summary.md').write_text(markdown_table(summary))
+  files.write_bytes(out_dir / 'summary.md', markdown_table(summary).encode())
   from dualseg_jax.evaluation import figures  # deferred: matplotlib only when writing figures
-  figures.evaluation_figure(
-      rows, out_dir / 'evaluation.png',
-      case_paths={name: (predictions[name], references[name]) for name in references},
-      images_dir=pathlib.Path(images_dir) if images_dir else None, gt_label_map=gt_label_map)
+  # matplotlib takes the format from the suffix, so the partial name keeps .png; it is hidden.
+  figure_partial = out_dir / '.evaluation.partial.png'
+  try:
+    figures.evaluation_figure(
+        rows, figure_partial,
+        case_paths={name: (predictions[name], references[name]) for name in references},
+        images_dir=pathlib.Path(images_dir) if images_dir else None, gt_label_map=gt_label_map)
+    os.replace(figure_partial, out_dir / 'evaluation.png')
+  finally:
+    files.discard(figure_partial)
+  # Last: a folder with summary.json holds a finished report (the training run's rerun reads it).
+  files.write_json(out_dir / 'summary.json', summary)
   return summary
 
 
@@ -184,11 +225,12 @@ def summarise_rows(rows: list[dict]) -> dict:
 
 def _write_csv(rows: list[dict], path: pathlib.Path) -> None:
   columns = ['case', 'center', 'structure', *metrics_lib.METRIC_NAMES]
-  with path.open('w', newline='') as file:
-    writer = csv.DictWriter(file, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-      writer.writerow({key: _format_number(value) for key, value in row.items()})
+  text = text_io.StringIO(newline='')
+  writer = csv.DictWriter(text, fieldnames=columns)
+  writer.writeheader()
+  for row in rows:
+    writer.writerow({key: _format_number(value) for key, value in row.items()})
+  files.write_bytes(path, text.getvalue().encode())
 
 
 def _format_number(value):

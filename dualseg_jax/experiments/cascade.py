@@ -300,6 +300,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     pipeline.resolve_data_root(evaluation_config)
   split = registry.split_cases(evaluation_config.data, registry.list_cases(evaluation_config.data),
                                seed=evaluation_config.seed)
+  # The first evaluation records the data; a later one refuses data changed since.
+  pipeline.check_data_identity(evaluation_config, split, workdir)
   cases = [case for case in split.test if case.label_path]
   if not cases:
     log.warning('no labelled test cases for the cascade to evaluate')

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dualseg_jax import files
+
 log = logging.getLogger(__name__)
 
 
@@ -74,11 +76,20 @@ def _manager(directory: pathlib.Path, max_to_keep: int, with_data: bool) -> ocp.
 
 
 class Checkpointer:
-  """Saves and restores (state, data iterator); saves are asynchronous until `wait`."""
+  """Saves and restores (state, data iterator); saves are asynchronous until `wait`.
+
+  A full or read-only disk therefore surfaces at the next save or at `wait`, from a background
+  thread, as an Orbax or TensorStore error that only quotes the OSError; each becomes one
+  StorageError. The failed save stays an `N.orbax-checkpoint-tmp` folder, which restoring never
+  reads and the next manager deletes, so the earlier checkpoints stay usable.
+  """
 
   def __init__(self, workdir: pathlib.Path, keep: int = 2):
-    self.latest = _manager(pathlib.Path(workdir) / 'checkpoints', keep, with_data=True)
-    self.best = _manager(pathlib.Path(workdir) / 'best', 1, with_data=False)
+    self.directory = pathlib.Path(workdir) / 'checkpoints'
+    self.best_directory = pathlib.Path(workdir) / 'best'
+    with files.writing('the checkpoint folders', workdir):
+      self.latest = _manager(self.directory, keep, with_data=True)
+      self.best = _manager(self.best_directory, 1, with_data=False)
     self.unreadable_steps: set[int] = set()  # found by `restore`; replaced when saved again
 
   def save(self, step: int, state, iterator=None, force: bool = False) -> bool:
@@ -86,21 +97,23 @@ class Checkpointer:
             'checksums': ocp.args.JsonSave(state_checksums(state))}
     if iterator is not None:
       args['data'] = grain.checkpoint.CheckpointSave(iterator)
-    if step in self.unreadable_steps:
-      # Resuming before an unreadable checkpoint comes back to its step: the new save replaces it,
-      # or the run would end with a final checkpoint that cannot be read.
-      self.latest.delete(step)
-      self.unreadable_steps.discard(step)
-    if step in self.latest.all_steps():
-      return False
-    return self.latest.save(step, args=ocp.args.Composite(**args), force=force)
+    with files.writing('a checkpoint', self.directory):
+      if step in self.unreadable_steps:
+        # Resuming before an unreadable checkpoint comes back to its step: the new save replaces
+        # it, or the run would end with a final checkpoint that cannot be read.
+        self.latest.delete(step)
+        self.unreadable_steps.discard(step)
+      if step in self.latest.all_steps():
+        return False
+      return self.latest.save(step, args=ocp.args.Composite(**args), force=force)
 
   def save_best(self, step: int, state) -> None:
     # max_to_keep=1: the manager drops the previous best only once the new one is complete.
-    if step not in self.best.all_steps():
-      self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   checksums=ocp.args.JsonSave(state_checksums(state))),
-                     force=True)
+    with files.writing('the best checkpoint', self.best_directory):
+      if step not in self.best.all_steps():
+        checksums = ocp.args.JsonSave(state_checksums(state))
+        self.best.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     checksums=checksums), force=True)
 
   def latest_step(self) -> int | None:
     return self.latest.latest_step()
@@ -128,13 +141,29 @@ class Checkpointer:
     return None
 
   def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+    with files.writing('a checkpoint', self.directory):
+      self.latest.wait_until_finished()
+    with files.writing('the best checkpoint', self.best_directory):
+      self.best.wait_until_finished()
 
   def close(self) -> None:
     self.wait()
     self.latest.close()
     self.best.close()
+
+
+def complete_steps(workdir: pathlib.Path) -> list[int]:
+  """Steps of the finalised checkpoints in `workdir/checkpoints`, oldest first (an unfinished save
+  is an `N.orbax-checkpoint-tmp` folder until renamed to `N`)."""
+  directory = pathlib.Path(workdir) / 'checkpoints'
+  if not directory.is_dir():
+    return []
+  return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
+
+
+def bytes_on_disk(folder: pathlib.Path) -> int:
+  """Bytes of the files under `folder` (0 when it does not exist)."""
+  return sum(path.stat().st_size for path in pathlib.Path(folder).rglob('*') if path.is_file())
 
 
 def _first_line(error: Exception, limit: int = 300) -> str:

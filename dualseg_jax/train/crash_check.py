@@ -72,6 +72,14 @@ def _phase(output: str) -> str:
   return 'python start-up'
 
 
+def resumed_step(output: str) -> int | None:
+  """The step a run's log says it resumed from: 0 when it started afresh, None when not seen."""
+  found = _RESUMED.findall(output)
+  if found:
+    return int(found[-1])
+  return 0 if _TRAINING_STARTED.search(output) else None
+
+
 def _resume_text(resumed_from: int | None) -> str:
   if resumed_from is None:
     return 'the next life was killed before restoring'

@@ -6,12 +6,16 @@ with the same workdir to resume exactly where the last checkpoint left off.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import pathlib
+import shutil
 import signal
+import sys
 import time
+import warnings
 from typing import Any
 
 import jax
@@ -20,8 +24,9 @@ from tqdm import tqdm
 
 from dualseg_jax import config_base
 from dualseg_jax import files
+from dualseg_jax import locks
 from dualseg_jax import presets
-from dualseg_jax.errors import ConfigError
+from dualseg_jax.errors import ConfigError, StorageError
 from dualseg_jax.train import balance as balance_lib
 from dualseg_jax.train import checkpoint as checkpoint_lib
 from dualseg_jax.train import parallel
@@ -155,20 +160,74 @@ def _shardings_for(state, mesh):
   return jax.tree.map(lambda _: parallel.replicated_sharding(mesh), state)
 
 
+# Besides its checkpoints a run writes metrics.jsonl (~300 B a logged step), curves.png (~100 kB),
+# TensorBoard events and the held-out evaluation (about 1 MB of compressed predictions a case).
+_OUTPUTS_MARGIN_BYTES = 64 * 2**20
+
+
+def _check_free_space(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Refuses a run whose checkpoints and outputs would not fit in the workdir's free space."""
+  state = jax.eval_shape(  # shapes only: nothing is computed or allocated
+      lambda key: step_lib.create_train_state(config, key, tuple(config.data.patch_size))[1],
+      jax.random.PRNGKey(config.seed))
+  # The parameters, the two Adam moments and the counters: one checkpoint's arrays.
+  checkpoint_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+  # The latest train.keep_checkpoints, the best, and one being written before the oldest goes.
+  copies = config.train.keep_checkpoints + 2
+  saved_bytes = sum(checkpoint_lib.bytes_on_disk(workdir / folder)
+                    for folder in ('checkpoints', 'best'))
+  need = max(0, copies * checkpoint_bytes - saved_bytes) + _OUTPUTS_MARGIN_BYTES
+  free = shutil.disk_usage(workdir).free
+  if free < need:
+    raise StorageError(
+        f'not enough free space for the training run in {workdir}: it needs about '
+        f'{files.format_bytes(need)} ({copies} checkpoints of '
+        f'{files.format_bytes(checkpoint_bytes)}: train.keep_checkpoints={config.train.keep_checkpoints}, the best and one being written; '
+        f'{files.format_bytes(_OUTPUTS_MARGIN_BYTES)} for metrics, plots and the held-out '
+        f'evaluation) and {files.format_bytes(free)} are free there',
+        'free space there, choose another --workdir or lower --config.train.keep_checkpoints, '
+        'and rerun', safe='nothing was trained by this command')
+
+
+def _resume_point(workdir: pathlib.Path) -> str:
+  """What a run that ended on a refused write leaves, for its error message."""
+  steps = checkpoint_lib.complete_steps(workdir)
+  if not steps:
+    return 'no checkpoint is complete yet, so the rerun starts from step 0'
+  return f'the last complete checkpoint is step {steps[-1]} in {workdir / "checkpoints"}'
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                        overwrite: bool = False, mesh=None, stop_at_step: int | None = None
                        ) -> RunResult:
   """Trains `config.stage` in `workdir` (resuming if it holds a run) and evaluates the test center.
 
   `stop_at_step` behaves like a preemption at that step: a checkpoint, then an early return.
+  The run holds `workdir` throughout: a second run there is refused at once, naming this one.
+  A write the disk refuses ends the run with one StorageError saying what is safe.
   """
+  workdir = pathlib.Path(workdir)
+  validate_config(config)
+  with contextlib.ExitStack() as stack:
+    if jax.process_index() == 0:  # a multi-host run locks once
+      stack.enter_context(locks.hold(workdir, 'the training run'))
+    try:
+      return _train_and_evaluate(config, workdir, overwrite, mesh, stop_at_step)
+    except Exception as error:
+      refused = files.refused_write(error, 'the run\'s files', workdir)
+      if refused is None or refused.safe:  # not the disk's doing, or already says what is safe
+        raise
+      raise refused.with_safe(_resume_point(workdir)) from error
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: bool,
+                        mesh, stop_at_step: int | None) -> RunResult:
   from dualseg_jax.data import pipeline  # deferred: data modules pull in grain and scipy
 
   started = time.time()
-  workdir = pathlib.Path(workdir)
-  validate_config(config)
   pipeline.resolve_data_root(config)
   _prepare_workdir(config, workdir, overwrite)
+  _check_free_space(config, workdir)
   log.info('preset %s; stage %s; workdir %s', config.preset, config.stage, workdir)
 
   mesh = mesh or parallel.make_mesh()
@@ -223,7 +282,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     row = metrics_log.write(step, host)
     bar.set_postfix(reporting.format_progress(row), refresh=False)
 
-  with _StopRequest() as stop:
+  # Closing the bar on an error ends its line, so that the error's message starts a line of its own.
+  with _StopRequest() as stop, bar:
     step = start_step
     while step < total_steps:
       batch = parallel.to_global_batch(next(iterator), sharding)
@@ -299,8 +359,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       test_summary = json.loads((report_dir / 'summary.json').read_text())
       test_summary.update(report_dir=str(report_dir), table=(report_dir / 'summary.md').read_text())
     else:
-      test_summary = validate_lib.evaluate_test_center(config, workdir, data.split.test,
-                                                       tag=data.test_tag)
+      try:
+        with files.writing('the held-out evaluation', report_dir):
+          test_summary = validate_lib.evaluate_test_center(config, workdir, data.split.test,
+                                                           tag=data.test_tag)
+      except validate_lib.HeldOutEvaluationStopped:
+        stopped_early = True  # it logged what is kept; rerunning the command finishes the report
   metrics_log.close()
   result = RunResult(workdir=workdir, final_step=step, wall_time_s=time.time() - started,
                      stopped_early=stopped_early, best_val_dice=best_dice, test_summary=test_summary)
@@ -328,10 +392,37 @@ def _print_summary(result: RunResult) -> None:
   print('\n'.join(lines), flush=True)
 
 
+def _without_refused_writes(record: logging.LogRecord) -> bool:
+  """Drops the reports of a write the disk refused that Orbax's background threads log, and
+  asyncio for each of the save's abandoned tasks (over two hundred tracebacks in a tiny run): the
+  run ends with one StorageError that says it all."""
+  error = record.exc_info[1] if record.exc_info else None
+  return (files.storage_errno(error) is None
+          and files.storage_errno(Exception(record.getMessage())) is None)
+
+
+def _drop_abandoned_write_reports(report_unraisable):
+  """After a refused checkpoint write TensorStore still completes the writes Orbax abandoned and
+  posts each result to the save's event loop, closed by then; Python reports every one as an
+  unraisable "Event loop is closed" (over a hundred tracebacks in a tiny run). Those are dropped;
+  any other unraisable error is reported as before."""
+  def hook(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+      report_unraisable(unraisable)
+  return hook
+
+
 def main_from_flags(flags) -> RunResult:
   """What `python -m launch.train` runs: logging, multi-host set-up, preset line, the run."""
   from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain narrate every save at INFO
+  for logger_name in ('absl', 'asyncio'):
+    logging.getLogger(logger_name).addFilter(_without_refused_writes)
+  sys.unraisablehook = _drop_abandoned_write_reports(sys.unraisablehook)
+  # The writes a refused save abandoned, collected at exit: part of the same failure.
+  warnings.filterwarnings('ignore', message="coroutine 'async_serialize_from_host",
+                          category=RuntimeWarning)
   log.setLevel(logging.INFO)
   parallel.maybe_initialize_distributed(flags.coordinator_address, flags.num_processes,
                                         flags.process_id)
@@ -345,7 +436,6 @@ def main_from_flags(flags) -> RunResult:
 
 
 def _config_path() -> str:
-  import sys
   for argument in sys.argv:
     if argument.startswith('--config='):
       return argument.split('=', 1)[1]

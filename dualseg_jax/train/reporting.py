@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from dualseg_jax import files
 from dualseg_jax.errors import ConfigError
 
 
@@ -30,10 +31,14 @@ class MetricsLog:
     if write:
       # Rewritten beside and renamed: a kill while rewriting must not lose the rows it keeps.
       temporary = self.path.with_name(self.path.name + '.tmp')
-      with temporary.open('w') as file:
-        for row in kept:
-          file.write(json.dumps(row) + '\n')
-      temporary.replace(self.path)
+      with files.writing('the metrics log', self.path):
+        try:
+          with temporary.open('w') as file:
+            for row in kept:
+              file.write(json.dumps(row) + '\n')
+          temporary.replace(self.path)
+        finally:
+          files.discard(temporary)
     self.rows = kept
     self._writer = None
     if tensorboard_dir is not None and write:
@@ -62,7 +67,8 @@ class MetricsLog:
     row.update({name: _scalar(value) for name, value in metrics.items()})
     clean = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in row.items()}
     if self._write_files:
-      with self.path.open('a') as file:
+      # A row a full disk cut short is skipped by `read` and dropped by the resumed run's rewrite.
+      with files.writing('the metrics log', self.path), self.path.open('a') as file:
         file.write(json.dumps(clean) + '\n')
     self.rows.append(row)
     if self._writer is not None:
@@ -140,9 +146,13 @@ def plot_curves(rows: list[dict[str, Any]], path: pathlib.Path) -> None:
                     va='center', transform=ax_balance.transAxes)
   fig.tight_layout()
   tmp = pathlib.Path(path).with_suffix('.tmp.png')
-  fig.savefig(tmp, dpi=100)
-  plt.close(fig)
-  tmp.replace(path)
+  try:
+    with files.writing('the training curves', path):
+      fig.savefig(tmp, dpi=100)
+      tmp.replace(path)
+  finally:
+    plt.close(fig)
+    files.discard(tmp)
 
 
 def format_progress(metrics: dict[str, float], keys=('loss',)) -> dict[str, str]:

@@ -3,6 +3,7 @@ MSD layout and geometry, and the measurements its summaries rely on."""
 
 import json
 import math
+import pathlib
 
 import ml_collections
 import nibabel as nib
@@ -13,7 +14,7 @@ from scipy import special
 
 from dualseg_jax.data import phantoms
 from dualseg_jax.data import volume as volume_lib
-from dualseg_jax.errors import ConfigError
+from dualseg_jax.errors import ConfigError, DataError
 
 CENTERS = tuple(phantoms.CENTER_PROTOCOLS)
 CUBE = np.ones((3, 3, 3), bool)
@@ -242,7 +243,7 @@ def _data_config(root, cases, centers=('center_b',)):
       root=str(root), centers=centers, synthetic_cases_per_center=cases, synthetic_seed=0))
 
 
-def test_ensure_synthetic_data_generates_reuses_and_regenerates(tmp_path):
+def test_ensure_synthetic_data_generates_reuses_and_never_replaces_a_finished_set(tmp_path):
   root = tmp_path / 'synthetic'
   assert phantoms.ensure_synthetic_data(_data_config(root, 2)) == root
   first = root / 'center_b' / 'imagesTr' / 'center_b_001.nii.gz'
@@ -250,12 +251,41 @@ def test_ensure_synthetic_data_generates_reuses_and_regenerates(tmp_path):
   stamp = first.stat().st_mtime_ns
   phantoms.ensure_synthetic_data(_data_config(root, 2))
   assert first.stat().st_mtime_ns == stamp  # untouched
-  keep = root / 'center_b' / 'imagesTr' / 'notes.txt'
-  keep.write_text('not ours')
-  phantoms.ensure_synthetic_data(_data_config(root, 1))
-  dataset = json.loads((root / 'center_b' / 'dataset.json').read_text())
-  assert dataset['numTraining'] == 1
-  assert not first.exists()  # a stale case of the earlier generation
-  assert keep.read_text() == 'not ours'
+  # Runs that read this folder depend on it: other parameters are refused, not regenerated.
+  with pytest.raises(DataError, match="'cases_per_center': 2.*'cases_per_center': 1.*new folder"):
+    phantoms.ensure_synthetic_data(_data_config(root, 1))
+  assert first.stat().st_mtime_ns == stamp
+  assert json.loads((root / 'center_b' / 'dataset.json').read_text())['numTraining'] == 2
+  # A center added later is generated beside the finished ones, which stay as they were.
+  phantoms.ensure_synthetic_data(_data_config(root, 2, centers=('center_a',)))
+  assert (root / 'center_a' / 'dataset.json').is_file()
+  assert first.stat().st_mtime_ns == stamp
+  assert phantoms.read_parameters(root)['centers'] == ['center_b', 'center_a']
   with pytest.raises(ConfigError, match='data.centers'):
     phantoms.ensure_synthetic_data(_data_config(root, 1, centers=('hospital_x',)))
+
+
+def test_an_unfinished_generation_is_generated_again(tmp_path):
+  root = tmp_path / 'synthetic'
+  phantoms.ensure_synthetic_data(_data_config(root, 1))
+  (root / 'phantoms.json').unlink()  # as a generation killed before its last write leaves it
+  (root / 'center_b' / 'dataset.json').unlink()
+  phantoms.ensure_synthetic_data(_data_config(root, 1))
+  assert phantoms.read_parameters(root)['cases_per_center'] == 1
+
+
+def test_each_parameter_set_has_its_own_default_folder():
+  names = {phantoms.dataset_folder_name(_data_config('', cases)) for cases in (2, 3)}
+  names.add(phantoms.dataset_folder_name(ml_collections.ConfigDict(dict(
+      synthetic_cases_per_center=2, synthetic_seed=1))))
+  assert len(names) == 3
+  assert phantoms.default_root(_data_config('', 8)) == pathlib.Path(
+      'data', 'synthetic', f'v{phantoms.GENERATOR_VERSION}-seed0-8cases')
+
+
+def test_make_phantoms_refuses_a_finished_set_unless_told_to_replace_it(tmp_path):
+  root = tmp_path / 'synthetic'
+  phantoms.refuse_finished_set(root)  # nothing there yet
+  phantoms.ensure_synthetic_data(_data_config(root, 1))
+  with pytest.raises(DataError, match='already holds synthetic phantoms.*--overwrite'):
+    phantoms.refuse_finished_set(root)

@@ -1,5 +1,6 @@
 """One entry for every benchmark: the train step, a training run against it, the input pipeline,
-the agreement of the SDF and mask targets, whole-volume inference."""
+the agreement of the SDF and mask targets, the contrast RandConv views keep, whole-volume
+inference."""
 
 from __future__ import annotations
 
@@ -29,9 +30,12 @@ def run(what: str, config: ml_collections.ConfigDict, repeats: int = 10,
   elif what == 'targets':
     from dualseg_jax.data import bench as loader_bench
     yield loader_bench.target_agreement(config, num_batches=loader_batches)
+  elif what == 'views':
+    from dualseg_jax.data import bench as loader_bench
+    yield loader_bench.view_contrast(config, num_batches=loader_batches)
   elif what == 'inference':
     from dualseg_jax.inference import bench as inference_bench
     kwargs = {'shape': inference_shape} if inference_shape else {}
     yield from inference_bench.benchmark_inference(config, **kwargs)
   else:
-    raise ValueError(f'unknown benchmark {what!r}: choose step, train, loader, targets, balance or inference')
+    raise ValueError(f'unknown benchmark {what!r}: choose step, train, loader, targets, balance, views or inference')

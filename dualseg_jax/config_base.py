@@ -109,6 +109,10 @@ def base_config() -> ml_collections.ConfigDict:
 
   augment = config.augment = ml_collections.ConfigDict()
   augment.num_views = 2  # 1: no RandConv, a single view
+  # True: the first view is the CT itself and only the others are RandConv views, the reference's
+  # recipe for its pancreas-fine stage; the segmentation terms then always see one undisturbed
+  # image (a RandConv view keeps a median 69% of the pancreas's contrast, docs/results.md).
+  augment.raw_view = False
   augment.randconv_kernel_sizes = (3, 5, 7)
   augment.spatial = True
   augment.scale = (0.8, 1.2)

@@ -132,3 +132,59 @@ def target_agreement(config: ml_collections.ConfigDict, num_batches: int = 20,
       result[f'{name}_k{k:g}_dice_min'] = round(float(np.min(values)), 4)
       result[f'{name}_patches'] = len(values)
   return result
+
+
+def _separability(image: np.ndarray, inside: np.ndarray, around: np.ndarray) -> float:
+  """d' of the voxels `inside` against those `around`: mean difference over the pooled std."""
+  a, b = image[inside], image[around]
+  return float((a.mean() - b.mean()) / np.sqrt(0.5 * (a.var() + b.var()) + 1e-12))
+
+
+def view_contrast(config: ml_collections.ConfigDict, num_batches: int = 8,
+                  views_per_patch: int = 32, shell_voxels: int = 3) -> dict[str, Any]:
+  """How much of the pancreas's contrast a RandConv view keeps, on augmented training patches:
+  the d' of the pancreas against a `shell_voxels` shell around it in each view, over the same d'
+  in the patch itself; quantiles, and the share of views that keep under a quarter of it or
+  invert it. Measured at this project's kernel scale (std sqrt(2 / k^3)) and at the reference's
+  (gain 1, std 1 / sqrt(k^3))."""
+  import jax  # deferred: the host part needs no accelerator
+  from scipy import ndimage
+  from dualseg_jax.data import augment as augment_lib
+  from dualseg_jax.models import randconv
+
+  config, cache, iterator = training_batches(config)
+  augment_fn = jax.jit(lambda key, b: augment_lib.augment_batch(
+      key, b, config.augment, cache.settings.target_spacing_mm, config.loss.slice_min_voxels))
+  draw = jax.jit(randconv.draw_parameters, static_argnums=(1, 2, 3))
+  apply = jax.jit(randconv.apply_parameters)
+  kernel_sizes = tuple(config.augment.randconv_kernel_sizes)
+  relative = {'project': [], 'reference': []}
+  key = jax.random.key(0)
+  for index in range(num_batches):
+    batch = jax.device_get(augment_fn(jax.random.key(index), next(iterator)))
+    for sample in range(batch['image'].shape[0]):
+      inside = batch['mask'][sample, ..., 0] > 0.5
+      if inside.sum() < 20:
+        continue
+      around = ndimage.binary_dilation(inside, iterations=shell_voxels) & ~inside
+      image = batch['image'][sample:sample + 1]
+      raw = _separability(image[0, ..., 0], inside, around)
+      if abs(raw) < 0.1:
+        continue
+      for _ in range(views_per_patch):
+        key, view_key = jax.random.split(key)
+        parameters = draw(view_key, 1, 1, kernel_sizes)
+        for scale_name, scale in (('project', 1.0), ('reference', 1.0 / np.sqrt(2.0))):
+          scaled = dict(parameters, kernel=parameters['kernel'] * scale)
+          view = np.asarray(apply(image, scaled))[0, 0, ..., 0]
+          relative[scale_name].append(_separability(view, inside, around) / raw)
+  result: dict[str, Any] = {'benchmark': 'views', 'patch_size': list(config.data.patch_size),
+                            'patches': len(relative['project']) // views_per_patch,
+                            'views_per_patch': views_per_patch}
+  for scale_name, values in relative.items():
+    values = np.asarray(values)
+    for q in (10, 25, 50, 75, 90):
+      result[f'{scale_name}_kept_q{q}'] = round(float(np.percentile(values, q)), 3)
+    result[f'{scale_name}_under_quarter'] = round(float(np.mean(np.abs(values) < 0.25)), 3)
+    result[f'{scale_name}_inverted'] = round(float(np.mean(values < 0)), 3)
+  return result

@@ -401,28 +401,28 @@ def _build_cases(settings: Settings, directory: pathlib.Path, cases: Sequence[re
 
   if to_build:
     log.info('preprocessing %d of %d cases into %s', len(to_build), len(cases), directory)
-    bar = tqdm(total=len(to_build), desc='preprocess', unit='case', disable=not progress,
-               dynamic_ncols=True)
-    if num_workers and num_workers > 0 and len(to_build) > 1:
-      # spawn: the caller may hold JAX or Grain threads, which fork would copy half-alive.
-      context = multiprocessing.get_context('spawn')
-      with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
-        futures = [pool.submit(_build_case, case, settings, out) for case, out in to_build]
-        try:
-          for future in concurrent.futures.as_completed(futures):
-            metadata = future.result()
-            entries[f"{metadata['center']}/{metadata['case_id']}"] = metadata
-            bar.update(1)
-        except BaseException:
-          for future in futures:  # a full disk fails them all: stop at the first
-            future.cancel()
-          raise
-    else:
-      for case, out in to_build:
-        metadata = _build_case(case, settings, out)
-        entries[f"{metadata['center']}/{metadata['case_id']}"] = metadata
-        bar.update(1)
-    bar.close()
+    # Closing the bar on an error too ends its line, so that the error's message starts its own.
+    with tqdm(total=len(to_build), desc='preprocess', unit='case', disable=not progress,
+              dynamic_ncols=True) as bar:
+      if num_workers and num_workers > 0 and len(to_build) > 1:
+        # spawn: the caller may hold JAX or Grain threads, which fork would copy half-alive.
+        context = multiprocessing.get_context('spawn')
+        with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=context) as pool:
+          futures = [pool.submit(_build_case, case, settings, out) for case, out in to_build]
+          try:
+            for future in concurrent.futures.as_completed(futures):
+              metadata = future.result()
+              entries[f"{metadata['center']}/{metadata['case_id']}"] = metadata
+              bar.update(1)
+          except BaseException:
+            for future in futures:  # a full disk fails them all: stop at the first
+              future.cancel()
+            raise
+      else:
+        for case, out in to_build:
+          metadata = _build_case(case, settings, out)
+          entries[f"{metadata['center']}/{metadata['case_id']}"] = metadata
+          bar.update(1)
   return entries
 
 

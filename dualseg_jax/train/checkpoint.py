@@ -9,6 +9,7 @@ the one before it is used.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
 import zlib
@@ -145,6 +146,13 @@ class Checkpointer:
       self.latest.wait_until_finished()
     with files.writing('the best checkpoint', self.best_directory):
       self.best.wait_until_finished()
+
+  def settle(self) -> None:
+    """Waits for saves still in flight and ignores their failures: on a run's error path, so that
+    no background save reports from a half-shut interpreter after the run's one message."""
+    for manager in (self.latest, self.best):
+      with contextlib.suppress(Exception):
+        manager.wait_until_finished()
 
   def close(self) -> None:
     self.wait()

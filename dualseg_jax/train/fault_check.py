@@ -157,10 +157,11 @@ def _fill(folder: pathlib.Path) -> pathlib.Path:
   return ballast
 
 
-# (name, tmpfs size, when the disk fills: None = too small from the start, 'cache' = while the
-# preprocessing cache is built, an int = once that checkpoint step is complete)
+# (name, tmpfs size, what is on it and when it fills: None = the run, too small from the start;
+# 'cache' = only the preprocessing cache, too small for it; an int = the run, filled by another
+# writer once that checkpoint step is complete)
 DISK_POINTS = (('too small at the start', '8m', None),
-               ('full while the preprocessing cache is built', '256m', 'cache'),
+               ('a cache disk too small for the cache', '1m', 'cache'),
                ('full after the checkpoint of step 2', '256m', 2))
 
 
@@ -179,17 +180,17 @@ def disk_full(directory: pathlib.Path, data_root: pathlib.Path, environment: dic
     if why_not:
       return FaultResult(name, 0, 0, [], [], skipped=f'cannot mount a tmpfs here: {why_not}')
     try:
-      workdir = mount_point / 'run'
+      # The cache point: the cache alone on the small disk, the run on the large one.
+      workdir = (directory / f'disk_{len(lines)}_run' if moment == 'cache'
+                 else mount_point / 'run')
+      shutil.rmtree(workdir, ignore_errors=True)
       command = crash_check.train_command(
           workdir, data_root, steps, {'data.cache_dir': mount_point / 'cache'})
       with open(directory / f'disk_{len(lines)}.log', 'w') as log_file:
         process = subprocess.Popen(command, cwd=crash_check.PROJECT_ROOT, env=environment,
                                    stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True)
-        if moment == 'cache':
-          _wait_for(lambda: (mount_point / 'cache').exists(), process, 300.0, 'cache folder')
-          _fill(mount_point)
-        elif isinstance(moment, int):
+        if isinstance(moment, int):
           _wait_for(lambda: moment in crash_check.checkpoint_folders(workdir)[0], process, 300.0,
                     f'checkpoint of step {moment}')
           _fill(mount_point)

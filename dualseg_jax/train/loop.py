@@ -212,7 +212,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if jax.process_index() == 0:  # a multi-host run locks once
       stack.enter_context(locks.hold(workdir, 'the training run'))
     try:
-      return _train_and_evaluate(config, workdir, overwrite, mesh, stop_at_step)
+      return _train_and_evaluate(config, workdir, overwrite, mesh, stop_at_step, stack)
     except Exception as error:
       refused = files.refused_write(error, 'the run\'s files', workdir)
       if refused is None or refused.safe:  # not the disk's doing, or already says what is safe
@@ -221,7 +221,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: bool,
-                        mesh, stop_at_step: int | None) -> RunResult:
+                        mesh, stop_at_step: int | None, cleanup: contextlib.ExitStack) -> RunResult:
   from dualseg_jax.data import pipeline  # deferred: data modules pull in grain and scipy
 
   started = time.time()
@@ -241,6 +241,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   iterator = pipeline.train_iterator(config, data, local_batch)
 
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  cleanup.callback(checkpointer.settle)  # an error leaves no save running into interpreter exit
   restored = checkpointer.restore(state, iterator)
   start_step = 0
   if restored is not None:

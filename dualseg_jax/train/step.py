@@ -60,11 +60,13 @@ def _all_finite(tree) -> jax.Array:
 
 def make_views(key: jax.Array, images: jax.Array, augment_config: ml_collections.ConfigDict,
                conv_impl: str = 'auto') -> list[jax.Array]:
-  """RandConv views when `augment.num_views` > 1, else the image itself as the only view."""
+  """RandConv views when `augment.num_views` > 1, else the image itself as the only view; with
+  `augment.raw_view` the image itself is the first of the views."""
   if augment_config.num_views == 1:
     return [images]
-  return randconv.random_views(key, images, augment_config.num_views,
-                               tuple(augment_config.randconv_kernel_sizes), conv_impl)
+  raw = [images] if augment_config.raw_view else []
+  return raw + randconv.random_views(key, images, augment_config.num_views - len(raw),
+                                     tuple(augment_config.randconv_kernel_sizes), conv_impl)
 
 
 def split_views(outputs: dict[str, jax.Array], num_views: int) -> list[dict[str, jax.Array]]:

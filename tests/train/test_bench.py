@@ -3,6 +3,8 @@
 import json
 import math
 
+import numpy as np
+
 import pytest
 
 from tests.conftest import tiny_run_config
@@ -62,3 +64,26 @@ def test_balance_row_gives_each_active_term_an_encoder_gradient_norm(phantom_roo
   for name in active:
     assert row[f'grad_norm/{name}'] is not None and row[f'grad_norm/{name}'] >= 0
   assert row['grad_norm/dice'] > 0 and row['call_time_ms'] > 0
+
+
+def test_views_row_reports_how_much_pancreas_contrast_randconv_keeps(phantom_root):
+  """A view keeps a share of the patch's pancreas contrast: quantiles in order, shares in [0, 1];
+  the separability itself is the textbook d' (checked by hand on two constant regions + noise)."""
+  from dualseg_jax.data import bench as data_bench
+  rng = np.random.default_rng(0)
+  image = rng.normal(0.0, 1.0, (8, 8, 8))
+  inside = np.zeros(image.shape, bool)
+  inside[2:5, 2:5, 2:5] = True
+  around = ~inside
+  image[inside] += 3.0
+  a, b = image[inside], image[around]
+  expected = (a.mean() - b.mean()) / np.sqrt(0.5 * (a.var() + b.var()))
+  assert np.isclose(data_bench._separability(image, inside, around), expected)
+  config = tiny_run_config(phantom_root, steps=3)
+  [row] = list(bench.run('views', config, loader_batches=2))
+  json.dumps(row)
+  assert row['benchmark'] == 'views' and row['patches'] > 0
+  for scale in ('project', 'reference'):
+    quantiles = [row[f'{scale}_kept_q{q}'] for q in (10, 25, 50, 75, 90)]
+    assert quantiles == sorted(quantiles)
+    assert 0.0 <= row[f'{scale}_inverted'] <= 1.0 and 0.0 <= row[f'{scale}_under_quarter'] <= 1.0

@@ -240,3 +240,16 @@ def test_injected_augmentation_and_loss_see_the_augmented_batch_and_all_views():
   assert float(metrics['num_views']) == 2.0 and bool(metrics['views_differ'])
   np.testing.assert_allclose(metrics['mask_mean'], 1.0 - float(jnp.mean(batch['mask'])), rtol=1e-6)
   np.testing.assert_allclose(metrics['learning_rate'], config.optim.learning_rate)
+
+
+def test_raw_view_keeps_the_image_itself_as_the_first_view():
+  augment_config = ml_collections.ConfigDict({'num_views': 2, 'raw_view': True,
+                                              'randconv_kernel_sizes': (3, 5, 7)})
+  images = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 16, 16, 1))
+  key = jax.random.PRNGKey(1)
+  raw_first, randconv_view = step_lib.make_views(key, images, augment_config)
+  np.testing.assert_array_equal(np.asarray(raw_first), np.asarray(images))
+  assert not np.allclose(np.asarray(randconv_view), np.asarray(images), atol=1e-3)
+  augment_config.raw_view = False
+  both = step_lib.make_views(key, images, augment_config)
+  assert len(both) == 2 and not np.allclose(np.asarray(both[0]), np.asarray(images), atol=1e-3)

@@ -12,7 +12,6 @@ import json
 import logging
 import pathlib
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -26,6 +25,7 @@ from dualseg_jax import config_base
 from dualseg_jax import files
 from dualseg_jax import locks
 from dualseg_jax import presets
+from dualseg_jax import signals
 from dualseg_jax.errors import ConfigError, StorageError
 from dualseg_jax.train import balance as balance_lib
 from dualseg_jax.train import checkpoint as checkpoint_lib
@@ -116,34 +116,6 @@ def _prepare_workdir(config, workdir: pathlib.Path, overwrite: bool) -> None:
           '\nuse another --workdir, or --overwrite to continue this run with the new config')
   if jax.process_index() == 0:
     files.write_json(path, current, sort_keys=True)
-
-
-class _StopRequest:
-  """SIGTERM / Ctrl-C set a flag; the loop saves a checkpoint and leaves at the next step."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread: signals stay with the caller
-        pass
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    if self.requested:  # a second Ctrl-C: give up waiting
-      raise KeyboardInterrupt
-    self.requested = True
-    log.warning('signal %d received: saving a checkpoint, then stopping', signum)
-
-  def __exit__(self, *exc):
-    for sig, handler in self._previous.items():
-      signal.signal(sig, handler)
-    return False
 
 
 @dataclasses.dataclass
@@ -284,7 +256,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
     bar.set_postfix(reporting.format_progress(row), refresh=False)
 
   # Closing the bar on an error ends its line, so that the error's message starts a line of its own.
-  with _StopRequest() as stop, bar:
+  with signals.StopOnSignal('saving a checkpoint, then stopping') as stop, bar:
     step = start_step
     while step < total_steps:
       batch = parallel.to_global_batch(next(iterator), sharding)

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import pathlib
-import signal
 import zlib
 from typing import Any
 
@@ -17,6 +16,7 @@ import numpy as np
 
 from dualseg_jax import files
 from dualseg_jax import locks
+from dualseg_jax import signals
 from dualseg_jax.data import io
 from dualseg_jax.evaluation import metrics as metrics_lib
 from dualseg_jax.inference import predictor as predictor_lib
@@ -116,44 +116,6 @@ class HeldOutEvaluationStopped(Exception):
   rerunning the same command predicts the others and writes the report."""
 
 
-class _StopOnSignal:
-  """The first SIGTERM / SIGINT sets `requested`, or raises `stop_at_once` when that is set (for
-  work that loses nothing when cut short); a second one raises KeyboardInterrupt."""
-
-  def __init__(self):
-    self.signal_number = None
-    self.stop_at_once: Exception | None = None
-    self._previous = {}
-
-  @property
-  def requested(self) -> bool:
-    return self.signal_number is not None
-
-  def __enter__(self):
-    for number in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._previous[number] = signal.signal(number, self._handle)
-      except ValueError:  # not the main thread: signals stay with the caller
-        pass
-    return self
-
-  def _handle(self, number, frame):
-    del frame
-    if self.requested:
-      raise KeyboardInterrupt
-    self.signal_number = number
-    if self.stop_at_once is not None:
-      raise self.stop_at_once
-    log.warning('signal %d received: stopping the held-out evaluation (the case being predicted '
-                'is abandoned, one being written is finished; a second signal stops at once)',
-                number)
-
-  def __exit__(self, *exc):
-    for number, handler in self._previous.items():
-      signal.signal(number, handler)
-    return False
-
-
 def parameters_crc32(params) -> str:
   """One CRC32 over every parameter array's bytes, in tree order."""
   crc = 0
@@ -229,7 +191,9 @@ def evaluate_test_center(config: ml_collections.ConfigDict, workdir: pathlib.Pat
   label_links = {f'{case.case_id}{_file_suffix(case.label_path)}': case.label_path for case in cases}
   _link_all(image_links, out_dir / 'images')
   _link_all(label_links, out_dir / 'ground_truth')
-  with _StopOnSignal() as stop:
+  with signals.StopOnSignal('stopping the held-out evaluation (the case being predicted is '
+                            'abandoned, one being written is finished; a second signal stops at '
+                            'once)') as stop:
     try:
       with locks.hold(predictions_dir, run_lib.LOCK_PURPOSE):
         planned = run_lib.plan_outputs(out_dir / 'images', predictions_dir, resume=True)

@@ -78,6 +78,7 @@ def check_data_identity(config: ml_collections.ConfigDict, split: registry.Split
   current = data_identity(config, split)
   if not path.is_file():
     if jax.process_index() == 0:
+      path.parent.mkdir(parents=True, exist_ok=True)
       files.write_json(path, current)
     return
   recorded = json.loads(path.read_text())

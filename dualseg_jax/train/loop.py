@@ -56,11 +56,16 @@ def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:
-  """Keys whose values differ between two config dicts, ignoring those a resume may change."""
+  """Keys whose values differ between two config dicts, ignoring those a resume may change and
+  keys added to the project after the run started that hold their default (the run computed
+  what the default computes)."""
   saved_flat, current_flat = _flatten(saved), _flatten(current)
+  defaults = _flatten(json.loads(config_base.base_config().to_json_best_effort()))
   differences = []
   for key in sorted(set(saved_flat) | set(current_flat)):
     if any(key == allowed or key.startswith(allowed + '.') for allowed in _RESUMABLE_CHANGES):
+      continue
+    if key not in saved_flat and key in defaults and current_flat.get(key) == defaults[key]:
       continue
     if saved_flat.get(key) != current_flat.get(key):
       differences.append(f'{key}: run has {saved_flat.get(key)!r}, now {current_flat.get(key)!r}')

@@ -32,8 +32,7 @@ def _config(root):
 
 
 def test_a_new_run_records_every_case_with_its_role(tmp_path, split):
-  workdir = tmp_path / 'run'
-  workdir.mkdir()
+  workdir = tmp_path / 'run'  # not made yet: recording makes it
   pipeline.check_data_identity(_config(tmp_path / 'data'), split, workdir)
   recorded = json.loads((workdir / pipeline.IDENTITY_FILE).read_text())
   assert {name: case['role'] for name, case in recorded['cases'].items()} == {

@@ -128,3 +128,8 @@ def test_compute_choices_may_change_on_resume_but_the_recipe_may_not():
   assert loop.config_differences(saved, current) == []
   current['model']['widths'] = [4, 16]
   assert loop.config_differences(saved, current) == ["model.widths: run has [4, 8], now [4, 16]"]
+  # A key added after the run started is no difference while it holds its default.
+  added = {**saved, 'augment': {'raw_view': False}}
+  assert loop.config_differences(saved, added) == []
+  added['augment']['raw_view'] = True
+  assert loop.config_differences(saved, added) == ["augment.raw_view: run has None, now True"]

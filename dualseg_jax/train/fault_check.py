@@ -135,8 +135,11 @@ def concurrent_starts(directory: pathlib.Path, data_root: pathlib.Path,
 def _mount_tmpfs(folder: pathlib.Path, size: str) -> str:
   """Mounts a tmpfs of `size` on `folder`; returns why not when this machine refuses."""
   folder.mkdir(parents=True, exist_ok=True)
-  mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(folder)],
-                           capture_output=True, text=True, check=False)
+  try:
+    mounted = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size}', 'tmpfs', str(folder)],
+                             capture_output=True, text=True, check=False)
+  except OSError as error:  # no mount command on this machine
+    return str(error)
   return '' if mounted.returncode == 0 else (mounted.stderr.strip() or 'mount failed')
 
 

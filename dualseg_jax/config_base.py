@@ -114,6 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
   # image (a RandConv view keeps a median 69% of the pancreas's contrast, docs/results.md).
   augment.raw_view = False
   augment.randconv_kernel_sizes = (3, 5, 7)
+  # RandConv kernels have std gain / sqrt(k^3): 1 is the method's reference (torch's
+  # kaiming_normal_ with its default gain); sqrt(2) (~1.414) reproduces runs before this key.
+  augment.randconv_gain = 1.0
   augment.spatial = True
   augment.scale = (0.8, 1.2)
   augment.rotation_deg = 15.0

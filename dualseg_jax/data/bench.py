@@ -145,8 +145,8 @@ def view_contrast(config: ml_collections.ConfigDict, num_batches: int = 8,
   """How much of the pancreas's contrast a RandConv view keeps, on augmented training patches:
   the d' of the pancreas against a `shell_voxels` shell around it in each view, over the same d'
   in the patch itself; quantiles, and the share of views that keep under a quarter of it or
-  invert it. Measured at this project's kernel scale (std sqrt(2 / k^3)) and at the reference's
-  (gain 1, std 1 / sqrt(k^3))."""
+  invert it. Measured at the reference's kernel scale (gain 1, std 1 / sqrt(k^3), the default
+  `augment.randconv_gain`) and at the ReLU gain sqrt(2) that runs before that key used."""
   import jax  # deferred: the host part needs no accelerator
   from scipy import ndimage
   from dualseg_jax.data import augment as augment_lib
@@ -155,10 +155,10 @@ def view_contrast(config: ml_collections.ConfigDict, num_batches: int = 8,
   config, cache, iterator = training_batches(config)
   augment_fn = jax.jit(lambda key, b: augment_lib.augment_batch(
       key, b, config.augment, cache.settings.target_spacing_mm, config.loss.slice_min_voxels))
-  draw = jax.jit(randconv.draw_parameters, static_argnums=(1, 2, 3))
+  draw = jax.jit(randconv.draw_parameters, static_argnums=(1, 2, 3, 4))
   apply = jax.jit(randconv.apply_parameters)
   kernel_sizes = tuple(config.augment.randconv_kernel_sizes)
-  relative = {'project': [], 'reference': []}
+  relative = {'gain_1': [], 'gain_sqrt2': []}
   key = jax.random.key(0)
   for index in range(num_batches):
     batch = jax.device_get(augment_fn(jax.random.key(index), next(iterator)))
@@ -173,13 +173,13 @@ def view_contrast(config: ml_collections.ConfigDict, num_batches: int = 8,
         continue
       for _ in range(views_per_patch):
         key, view_key = jax.random.split(key)
-        parameters = draw(view_key, 1, 1, kernel_sizes)
-        for scale_name, scale in (('project', 1.0), ('reference', 1.0 / np.sqrt(2.0))):
+        parameters = draw(view_key, 1, 1, kernel_sizes, 1.0)
+        for scale_name, scale in (('gain_1', 1.0), ('gain_sqrt2', np.sqrt(2.0))):
           scaled = dict(parameters, kernel=parameters['kernel'] * scale)
           view = np.asarray(apply(image, scaled))[0, 0, ..., 0]
           relative[scale_name].append(_separability(view, inside, around) / raw)
   result: dict[str, Any] = {'benchmark': 'views', 'patch_size': list(config.data.patch_size),
-                            'patches': len(relative['project']) // views_per_patch,
+                            'patches': len(relative['gain_1']) // views_per_patch,
                             'views_per_patch': views_per_patch}
   for scale_name, values in relative.items():
     values = np.asarray(values)

@@ -2,7 +2,9 @@
 sample and per view, so the network sees one anatomy under several random intensity mappings.
 
 One view of one sample: a kernel size k drawn from `kernel_sizes`, a k^3 Kaiming-normal kernel
-(std sqrt(2 / k^3), one input channel), a bias ~ U(-1/sqrt(k^3), 1/sqrt(k^3)) (torch's default
+(std gain / sqrt(k^3), one input channel; gain 1 as the method's reference draws it, sqrt(2) is
+the ReLU gain this project used before: its views keep less of the pancreas's contrast,
+docs/results.md), a bias ~ U(-1/sqrt(k^3), 1/sqrt(k^3)) (torch's default
 conv bias range), a mix a ~ U(0, 1); view = clamp(a * conv(x) + (1 - a) * x, 0, 1), then min-max
 normalised per sample. Every kernel is held in a (K, K, K) array, K = max(kernel_sizes), zero
 outside its centred k^3 window, so the drawn size never decides control flow under jit.
@@ -19,6 +21,7 @@ from dualseg_jax.errors import ConfigError
 from dualseg_jax.models import layers
 
 DEFAULT_KERNEL_SIZES = (3, 5, 7)
+DEFAULT_GAIN = 1.0
 # Images whose range is below this stay as they are instead of being divided by ~0.
 CONSTANT_RANGE = 1e-6
 
@@ -28,14 +31,22 @@ def _check_kernel_sizes(kernel_sizes: tuple[int, ...]) -> None:
     raise ConfigError(f'augment.randconv_kernel_sizes={kernel_sizes}: need odd sizes >= 1, e.g. (3, 5, 7)')
 
 
-@functools.partial(jax.jit, static_argnames=('batch_size', 'num_views', 'kernel_sizes'))
+def _check_gain(gain: float) -> None:
+  if not gain > 0:
+    raise ConfigError(f'augment.randconv_gain={gain}: need a positive kernel gain, e.g. 1.0 (std 1/sqrt(k^3))')
+
+
+@functools.partial(jax.jit, static_argnames=('batch_size', 'num_views', 'kernel_sizes', 'gain'))
 def draw_parameters(key: jax.Array, batch_size: int, num_views: int,
-                    kernel_sizes: tuple[int, ...] = DEFAULT_KERNEL_SIZES) -> dict[str, jax.Array]:
-  """Random convolutions for `num_views` views of `batch_size` samples.
+                    kernel_sizes: tuple[int, ...] = DEFAULT_KERNEL_SIZES,
+                    gain: float = DEFAULT_GAIN) -> dict[str, jax.Array]:
+  """Random convolutions for `num_views` views of `batch_size` samples, kernels of std
+  gain / sqrt(k^3).
 
   Returns `kernel` (V, B, K, K, K), `bias`, `mix` and `kernel_size` (V, B).
   """
   _check_kernel_sizes(kernel_sizes)
+  _check_gain(gain)
   largest = max(kernel_sizes)
   size_key, kernel_key, bias_key, mix_key = jax.random.split(key, 4)
   shape = (num_views, batch_size)
@@ -44,7 +55,7 @@ def draw_parameters(key: jax.Array, batch_size: int, num_views: int,
   offsets = jnp.abs(jnp.arange(largest) - largest // 2)
   distance = jnp.maximum(jnp.maximum(offsets[:, None, None], offsets[None, :, None]), offsets[None, None, :])
   inside = distance[None, None] <= (kernel_size // 2)[..., None, None, None]
-  std = jnp.sqrt(2.0 / fan_in)[..., None, None, None]
+  std = (gain / jnp.sqrt(fan_in))[..., None, None, None]
   kernel = jax.random.normal(kernel_key, shape + (largest,) * 3) * std * inside
   bias_bound = 1.0 / jnp.sqrt(fan_in)
   bias = jax.random.uniform(bias_key, shape, minval=-1.0, maxval=1.0) * bias_bound
@@ -83,23 +94,24 @@ def apply_parameters(images: jax.Array, parameters: dict[str, jax.Array], conv_i
   return jnp.where(is_constant, views, normalised)
 
 
-@functools.partial(jax.jit, static_argnames=('num_views', 'kernel_sizes', 'conv_impl'))
+@functools.partial(jax.jit, static_argnames=('num_views', 'kernel_sizes', 'conv_impl', 'gain'))
 def random_views_with_parameters(key: jax.Array, images: jax.Array, num_views: int = 2,
                                  kernel_sizes: tuple[int, ...] = DEFAULT_KERNEL_SIZES,
-                                 conv_impl: str = 'auto'
+                                 conv_impl: str = 'auto', gain: float = DEFAULT_GAIN
                                  ) -> tuple[list[jax.Array], dict[str, jax.Array]]:
   """`random_views` plus the drawn parameters (kernel, bias, mix, kernel_size per view and sample)."""
   kernel_sizes = tuple(kernel_sizes)
-  parameters = draw_parameters(key, images.shape[0], num_views, kernel_sizes)
+  parameters = draw_parameters(key, images.shape[0], num_views, kernel_sizes, float(gain))
   views = apply_parameters(images, parameters, conv_impl)
   return [views[index] for index in range(num_views)], parameters
 
 
 def random_views(key: jax.Array, images: jax.Array, num_views: int = 2,
-                 kernel_sizes: tuple[int, ...] = DEFAULT_KERNEL_SIZES, conv_impl: str = 'auto'
-                 ) -> list[jax.Array]:
+                 kernel_sizes: tuple[int, ...] = DEFAULT_KERNEL_SIZES, conv_impl: str = 'auto',
+                 gain: float = DEFAULT_GAIN) -> list[jax.Array]:
   """`num_views` RandConv views of `images` (B, D, H, W, 1), each (B, D, H, W, 1) in [0, 1]."""
-  views, _ = random_views_with_parameters(key, images, num_views, tuple(kernel_sizes), conv_impl)
+  views, _ = random_views_with_parameters(key, images, num_views, tuple(kernel_sizes), conv_impl,
+                                          float(gain))
   return views
 
 

@@ -66,7 +66,8 @@ def make_views(key: jax.Array, images: jax.Array, augment_config: ml_collections
     return [images]
   raw = [images] if augment_config.raw_view else []
   return raw + randconv.random_views(key, images, augment_config.num_views - len(raw),
-                                     tuple(augment_config.randconv_kernel_sizes), conv_impl)
+                                     tuple(augment_config.randconv_kernel_sizes), conv_impl,
+                                     augment_config.randconv_gain)
 
 
 def split_views(outputs: dict[str, jax.Array], num_views: int) -> list[dict[str, jax.Array]]:

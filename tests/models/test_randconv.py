@@ -75,12 +75,24 @@ def test_kernel_sizes_vary_and_kernels_have_kaiming_statistics():
     chosen = kernels[sizes == size]
     inside = distance <= size // 2
     assert np.all(chosen[:, ~inside] == 0.0)
-    # Kaiming normal: std sqrt(2 / fan_in), fan_in = k^3 for one input channel.
-    np.testing.assert_allclose(chosen[:, inside].std(), np.sqrt(2.0 / size ** 3), rtol=0.1)
+    # Kaiming normal with gain 1 (the reference's): std 1 / sqrt(fan_in), fan_in = k^3.
+    np.testing.assert_allclose(chosen[:, inside].std(), np.sqrt(1.0 / size ** 3), rtol=0.1)
     bound = 1.0 / np.sqrt(size ** 3)
     assert np.all(np.abs(np.asarray(parameters['bias']).ravel()[sizes == size]) <= bound)
   mix = np.asarray(parameters['mix'])
   assert mix.min() >= 0.0 and mix.max() < 1.0 and 0.3 < mix.mean() < 0.7
+
+
+def test_gain_scales_the_kernels_and_nothing_else():
+  key = jax.random.PRNGKey(5)
+  unit = randconv.draw_parameters(key, batch_size=4, num_views=2)
+  relu = randconv.draw_parameters(key, batch_size=4, num_views=2, gain=float(np.sqrt(2.0)))
+  np.testing.assert_allclose(np.asarray(relu['kernel']), np.sqrt(2.0) * np.asarray(unit['kernel']),
+                             rtol=1e-6, atol=1e-7)
+  for name in ('bias', 'mix', 'kernel_size'):
+    np.testing.assert_array_equal(np.asarray(relu[name]), np.asarray(unit[name]))
+  with pytest.raises(ConfigError, match='augment.randconv_gain'):
+    randconv.draw_parameters(key, batch_size=4, num_views=2, gain=0.0)
 
 
 def test_kernel_size_changes_with_the_key(images):

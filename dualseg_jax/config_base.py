@@ -8,7 +8,41 @@ losses and their weights), `augment` (RandConv views and spatial/intensity augme
 
 from __future__ import annotations
 
+import copy
+import math
+from typing import Any
+
 import ml_collections
+
+# Keys added after runs had been made whose default computes something else than those runs did:
+# a saved config.json without the key ran with the value here. Resuming and predicting read it so.
+VALUES_BEFORE_KEYS: dict[str, Any] = {
+    'augment.randconv_gain': math.sqrt(2.0),
+    # Each level started with a strided residual block, kernels drawn he-normal.
+    'model.downsample': 'strided_block',
+    'model.kernel_init': 'he_normal',
+    # Zoom, rotation, gamma and noise were drawn for every sample.
+    'augment.scale_prob': 1.0,
+    'augment.rotation_prob': 1.0,
+    'augment.gamma_prob': 1.0,
+    'augment.noise_prob': 1.0,
+    'experiments.cascade_recipe': 'uniform',
+    'experiments.cascade_tumour_rounds': 1,
+}
+
+
+def with_earlier_values(saved: dict) -> dict:
+  """A copy of a saved config dict holding every VALUES_BEFORE_KEYS key it lacks at its earlier
+  value (only where the key's section exists, so partial dicts stay partial)."""
+  saved = copy.deepcopy(saved)
+  for dotted_key, value in VALUES_BEFORE_KEYS.items():
+    *parents, leaf = dotted_key.split('.')
+    node = saved
+    for part in parents:
+      node = node.get(part) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf not in node:
+      node[leaf] = value
+  return saved
 
 STAGES = ('joint', 'pancreas_coarse', 'pancreas_fine', 'tumour_coarse', 'tumour_fine')
 SYNTHETIC_CENTERS = ('center_a', 'center_b', 'center_c')
@@ -46,7 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
   # Share of patches placed anywhere in the case (not the fine stages, which only ever see their
   # ROI): whole-volume inference meets tissue far from the pancreas, so training must too.
   data.random_patch_fraction = 0.25
-  data.crop_margin_xy = (0, 30)  # random ROI margin in voxels, in-plane
+  # Training crops lie in the box of this structure ('pancreas' | 'tumour'; a case without tumour
+  # falls back to its pancreas box) grown by random margins; the reference's fine tumour stage
+  # crops around the tumour box.
+  data.roi_structure = 'pancreas'
+  data.crop_margin_xy = (0, 30)  # random ROI margin in voxels, in-plane (negative shrinks)
   data.crop_margin_z_fraction = (0.01, 0.1)  # random ROI margin as a fraction of the slices
   # Contrastive positions on the 1/8 grid: 'per_slice' (the method's: per 1/8 slice one skeleton
   # cell and one cell of the ring's 2D skeleton, D/8 rows) | 'uniform' (data.num_positions cells
@@ -63,7 +101,14 @@ def base_config() -> ml_collections.ConfigDict:
 
   model = config.model = ml_collections.ConfigDict()
   model.widths = (32, 64, 128, 256)  # encoder widths per resolution level
-  model.blocks = (1, 2, 2, 2)  # residual blocks per level
+  # Residual blocks per level; with model.downsample='separate' levels 1-3 count the identity
+  # blocks after the downsampling unit: (1, 2, 2, 2) is the method's 2 per level.
+  model.blocks = (1, 2, 2, 2)
+  # How levels 1-3 halve the resolution: 'separate' (the method's: a GN-ReLU-3x3x3 conv with
+  # stride 2 from the previous width, then model.blocks[l] identity blocks) | 'strided_block' (the
+  # level's first residual block is strided and changes the width: 16,686,340 parameters with the
+  # other defaults against 18,966,212, and the parameter names of checkpoints trained with it).
+  model.downsample = 'separate'
   model.dilated_blocks = 2  # extra blocks at the bottom
   model.dilation = 2
   model.fusion_width = 128
@@ -74,6 +119,13 @@ def base_config() -> ml_collections.ConfigDict:
   model.num_classes = 2  # joint: (pancreas incl. tumour, tumour)
   # Initial foreground probability of every voxel (the logits' bias); patches hold ~1-5% foreground.
   model.foreground_prior = 0.02
+  # GN-ReLU before the 1x1 segmentation and SDF heads (the method has none): without it the
+  # weight-standardised decoder's logits start with a standard deviation of ~18 at paper scale
+  # and the SDF's tanh saturated on >90% of voxels (models/unet.py).
+  model.head_norm = True
+  # Initial conv and dense kernels: 'torch_default' (the method's: PyTorch's default,
+  # U(+-1/sqrt(fan_in)) for kernels and biases) | 'he_normal' (std sqrt(2 / fan_in), zero biases).
+  model.kernel_init = 'torch_default'
   model.slice_head = False  # fine tumour stage: per-slice "contains tumour" classifier
   model.slice_hidden = 128
   model.dtype = 'float32'  # compute dtype: 'float32' | 'bfloat16'; parameters stay float32
@@ -100,6 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
   loss.transform_anneal_steps = 0
   loss.transform_anneal = 'geometric'  # 'geometric' (equal steps per factor) | 'linear'
   loss.consistency_on_sdf = False  # fine stage: also MSE between the views' SDFs
+  # How the views' sigmoid maps are made to agree: 'mse' (the reference's tumour stages) |
+  # 'cosine' (1 - cosine similarity per sample, the reference's coarse pancreas stage).
+  loss.consistency_form = 'mse'
   loss.temperature = 0.05
   # 'two_class': the method's label-based NT-Xent (skeleton with skeleton, ring with ring, across
   # slices and views) | 'view_paired': a position's partner is itself in the other view.
@@ -118,14 +173,26 @@ def base_config() -> ml_collections.ConfigDict:
   # kaiming_normal_ with its default gain); sqrt(2) (~1.414) reproduces runs before this key.
   augment.randconv_gain = 1.0
   augment.spatial = True
+  # Isotropic zoom factor, drawn per sample with probability scale_prob. The reference also draws
+  # a scale in 0.8-1.2 with p 0.5 but then resizes the patch back to its shape, so its zoom has no
+  # effect (a reference defect); this zoom is real, and --config.augment.scale_prob=0 restores the
+  # reference's effective behaviour.
   augment.scale = (0.8, 1.2)
-  augment.rotation_deg = 15.0
-  augment.elastic_prob = 0.1
+  augment.scale_prob = 0.5  # the reference's p for its scale draw
+  augment.rotation_deg = 15.0  # the reference: U(-15, 15) degrees about each axis
+  # The reference rotates with p 0.5; one draw per sample switches all three angles on or off.
+  augment.rotation_prob = 0.5
+  augment.elastic_prob = 0.1  # the reference's tumour stages (its pancreas stages: 0.5)
   augment.elastic_sigma_vox = 4.0
   augment.elastic_magnitude_vox = 4.0
-  augment.flip_prob = 0.5
-  augment.gamma = (0.7, 1.5)
-  augment.noise_std = (0.0, 0.05)
+  augment.flip_prob = 0.5  # per axis, the reference's
+  augment.gamma = (0.7, 1.5)  # exponent on the [0, 1] image
+  augment.gamma_prob = 0.5  # the reference's p
+  # Additive Gaussian noise on the [0, 1] image, std U(0, 0.1) with p 0.5 as in the reference.
+  # Every *_prob at 1 with noise_std (0.0, 0.05) reproduces the draws of runs made before the
+  # *_prob keys (every transform on every sample).
+  augment.noise_std = (0.0, 0.1)
+  augment.noise_prob = 0.5
 
   optim = config.optim = ml_collections.ConfigDict()
   optim.learning_rate = 1e-4
@@ -173,7 +240,20 @@ def base_config() -> ml_collections.ConfigDict:
   experiments = config.experiments = ml_collections.ConfigDict()
   # Cascade (launch.cascade): margins in voxels (z, y, x) of the canonical input grid around the
   # pancreas found by the previous stage; the fine stages predict only inside that box.
-  experiments.cascade_pancreas_margin_vox = (4, 12, 12)
-  experiments.cascade_tumour_margin_vox = (2, 6, 6)
+  # The reference's: pancreas fine inside the coarse pancreas + 5 slices / 25 voxels in-plane,
+  # tumour coarse inside the fine pancreas + 8 / 30, tumour fine inside the tumour found so far
+  # + 5 / 25, re-cropped to its own result for cascade_tumour_rounds rounds.
+  experiments.cascade_pancreas_margin_vox = (5, 25, 25)
+  experiments.cascade_tumour_coarse_margin_vox = (8, 30, 30)
+  experiments.cascade_tumour_margin_vox = (5, 25, 25)
+  experiments.cascade_tumour_rounds = 4
   experiments.cascade_fine_patch_size = ()  # (D, H, W) of the fine stages; () keeps data.patch_size
+  # 'reference': each stage trains with the reference's recipe (docs/fidelity.md): pancreas coarse
+  # at cascade_coarse_spacing_factor x the spacing (half the in-plane resolution), Dice + BCE +
+  # NT-Xent + cosine consistency; pancreas fine in its pancreas box, Dice + BCE + NT-Xent on one
+  # raw and one RandConv view; the tumour stages with the SDF terms, tumour fine cropped around
+  # the tumour. 'uniform': every stage trains the config as given (the fine stages add the SDF
+  # consistency, tumour fine the slice head).
+  experiments.cascade_recipe = 'reference'
+  experiments.cascade_coarse_spacing_factor = (1.0, 2.0, 2.0)  # (z, y, x)
   return config

@@ -47,3 +47,32 @@ def test_command_line_overrides_are_checked_before_any_work(argument, message):
   result = _train_command_line(argument)
   assert result.returncode != 0
   assert message in result.stderr
+
+
+def test_a_run_saved_before_a_key_existed_loads_with_what_it_ran(tmp_path):
+  """Prediction rebuilds an old run's network and views as they were: strided first blocks,
+  he-normal kernels, RandConv gain sqrt(2), every augmentation drawn; a key the run did save wins."""
+  import json
+  import math
+
+  from dualseg_jax import config_base
+  from dualseg_jax.inference import predictor
+
+  saved = json.loads(three_center.get_config('tiny').to_json_best_effort())
+  for section, key in (('model', 'downsample'), ('model', 'kernel_init'),
+                       ('augment', 'randconv_gain'), ('augment', 'gamma_prob'),
+                       ('experiments', 'cascade_recipe')):
+    del saved[section][key]
+  saved['augment']['rotation_prob'] = 1.0  # present in the file: kept as is
+  saved['augment'].pop('noise_prob')
+  saved['augment']['scale_prob'] = 0.25
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  config = predictor.load_config(tmp_path)
+  assert (config.model.downsample, config.model.kernel_init) == ('strided_block', 'he_normal')
+  assert config.augment.randconv_gain == math.sqrt(2.0)
+  assert (config.augment.gamma_prob, config.augment.noise_prob) == (1.0, 1.0)
+  assert config.augment.scale_prob == 0.25 and config.experiments.cascade_recipe == 'uniform'
+  # Today's defaults are the reference's.
+  base = config_base.base_config()
+  assert (base.model.downsample, base.model.kernel_init, base.augment.randconv_gain) == (
+      'separate', 'torch_default', 1.0)

@@ -7,6 +7,9 @@ where `matrix` combines flips, a rotation about each axis (in millimetres when `
 given, else in voxels) and an isotropic zoom, and `displacement` is an elastic field: random
 offsets on a coarse control grid (spacing `elastic_sigma_vox`, standard deviation
 `elastic_magnitude_vox`) interpolated trilinearly, switched on with probability `elastic_prob`.
+Each sample flips each axis with probability `flip_prob`, and draws the rotation, the zoom, the
+gamma and the noise each with its own probability (`rotation_prob`, `scale_prob`, `gamma_prob`,
+`noise_prob`; 0.5 in the reference); a transform not drawn is the identity for that sample.
 The image and the SDF are resampled trilinearly and the label by nearest neighbour; outside the
 patch the image and label read 0 (air after windowing, background) and the SDF repeats its nearest
 edge value with the background's sign. The masks are not warped on their own: each channel's mask
@@ -77,8 +80,12 @@ def sample_transform(key: jax.Array, shape: Sequence[int], augment_config: ml_co
                      spacing_mm: Sequence[float] | None = None) -> dict[str, jax.Array]:
   """Random parameters of one sample's transform for a patch of `shape` (D, H, W)."""
   config = augment_config
+  # The on/off keys come last: with JAX's default (partitionable) threefry a split key does not
+  # depend on how many are split, so with every *_prob at 1 the draws are those of runs made
+  # before these probabilities existed.
   (flip_key, angle_key, scale_key, elastic_on_key, elastic_key, gamma_key, noise_std_key,
-   noise_key) = jax.random.split(key, 8)
+   noise_key, rotation_on_key, scale_on_key, gamma_on_key,
+   noise_on_key) = jax.random.split(key, 12)
   params = identity_transform(shape, config)
   if config.spatial:
     flips = jax.random.bernoulli(flip_key, config.flip_prob, (3,))
@@ -86,19 +93,25 @@ def sample_transform(key: jax.Array, shape: Sequence[int], augment_config: ml_co
     max_angle = math.radians(config.rotation_deg)
     angles = jax.random.uniform(angle_key, (3,), minval=-max_angle, maxval=max_angle)
     zoom = jax.random.uniform(scale_key, (), minval=config.scale[0], maxval=config.scale[1])
+    zoom = jnp.where(jax.random.bernoulli(scale_on_key, config.scale_prob), zoom, 1.0)
     voxel_mm = jnp.asarray(spacing_mm if spacing_mm is not None else (1.0, 1.0, 1.0), jnp.float32)
     # Rotate in millimetres: voxels -> mm, rotate back (the sampling map is the inverse of the
     # visible rotation), mm -> voxels. A zoom > 1 enlarges the anatomy, so sources shrink by it.
     rotation = jnp.diag(1.0 / voxel_mm) @ _rotation_matrix(angles).T @ jnp.diag(voxel_mm)
+    # The identity itself, not a rotation by 0: (1 / spacing) * spacing need not round to 1.
+    rotation = jnp.where(jax.random.bernoulli(rotation_on_key, config.rotation_prob), rotation,
+                         jnp.eye(3, dtype=jnp.float32))
     params['matrix'] = (rotation / zoom) @ flip_matrix
     elastic_on = jax.random.bernoulli(elastic_on_key, config.elastic_prob)
     offsets = config.elastic_magnitude_vox * jax.random.normal(
         elastic_key, params['elastic_grid'].shape, jnp.float32)
     params['elastic_grid'] = jnp.where(elastic_on, offsets, 0.0)
-  params['gamma'] = jax.random.uniform(gamma_key, (), minval=config.gamma[0],
-                                       maxval=config.gamma[1])
-  params['noise_std'] = jax.random.uniform(noise_std_key, (), minval=config.noise_std[0],
-                                           maxval=config.noise_std[1])
+  gamma = jax.random.uniform(gamma_key, (), minval=config.gamma[0], maxval=config.gamma[1])
+  params['gamma'] = jnp.where(jax.random.bernoulli(gamma_on_key, config.gamma_prob), gamma, 1.0)
+  noise_std = jax.random.uniform(noise_std_key, (), minval=config.noise_std[0],
+                                 maxval=config.noise_std[1])
+  params['noise_std'] = jnp.where(jax.random.bernoulli(noise_on_key, config.noise_prob),
+                                  noise_std, 0.0)
   params['noise_key'] = noise_key
   return params
 

@@ -44,6 +44,8 @@ _STAGE_STRUCTURES = {
     'pancreas_coarse': ('pancreas',), 'pancreas_fine': ('pancreas',),
     'tumour_coarse': ('tumour',), 'tumour_fine': ('tumour',),
 }
+# Which structure's bounding box the training crops are taken around (data.roi_structure).
+ROI_STRUCTURES = ('pancreas', 'tumour')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +121,7 @@ class PatchSettings:
 
   stage: str
   patch_size: tuple[int, int, int]
+  roi_structure: str
   crop_margin_xy: tuple[int, int]
   crop_margin_z_fraction: tuple[float, float]
   foreground_fraction: float
@@ -141,7 +144,13 @@ class PatchSettings:
     if data.contrastive_sampling not in targets.CONTRASTIVE_SAMPLINGS:
       raise ConfigError(f'data.contrastive_sampling={data.contrastive_sampling!r}: choose one of '
                         f'{targets.CONTRASTIVE_SAMPLINGS}')
-    return cls(stage=config.stage, patch_size=patch_size,
+    if data.roi_structure not in ROI_STRUCTURES:
+      raise ConfigError(f'data.roi_structure={data.roi_structure!r}: choose one of {ROI_STRUCTURES}')
+    low, high = (int(v) for v in data.crop_margin_xy)
+    if low > high:
+      raise ConfigError(f'data.crop_margin_xy=({low}, {high}): the first is the smallest margin '
+                        'drawn and must not exceed the second')
+    return cls(stage=config.stage, patch_size=patch_size, roi_structure=str(data.roi_structure),
                crop_margin_xy=tuple(int(v) for v in data.crop_margin_xy),
                crop_margin_z_fraction=tuple(float(v) for v in data.crop_margin_z_fraction),
                foreground_fraction=float(data.foreground_fraction),
@@ -185,8 +194,13 @@ def read_window(array: np.ndarray, start: Sequence[int], size: Sequence[int],
 
 def _roi(case: CachedCase, settings: PatchSettings, rng: np.random.Generator
          ) -> tuple[np.ndarray, np.ndarray]:
-  """The pancreas box grown by random margins (in-plane voxels; z as a share of the slices)."""
-  low, high = (np.asarray(corner, np.int64) for corner in case.pancreas_box)
+  """The box of `settings.roi_structure` (the pancreas box for a case without tumour) grown by
+  random margins (in-plane voxels, negative ones shrink it; z as a share of the slices); never
+  less than one voxel per axis."""
+  box = case.pancreas_box
+  if settings.roi_structure == 'tumour' and case.tumour_box is not None:
+    box = case.tumour_box
+  low, high = (np.asarray(corner, np.int64) for corner in box)
   shape = np.asarray(case.shape, np.int64)
   low_fraction, high_fraction = settings.crop_margin_z_fraction
   z_margins = np.round(rng.uniform(low_fraction, high_fraction, size=2) * shape[0]).astype(np.int64)
@@ -194,7 +208,11 @@ def _roi(case: CachedCase, settings: PatchSettings, rng: np.random.Generator
   xy_margins = rng.integers(xy_low, xy_high + 1, size=(2, 2))
   margin_low = np.array([z_margins[0], xy_margins[0, 0], xy_margins[0, 1]])
   margin_high = np.array([z_margins[1], xy_margins[1, 0], xy_margins[1, 1]])
-  return np.maximum(low - margin_low, 0), np.minimum(high + margin_high, shape)
+  roi_low, roi_high = np.maximum(low - margin_low, 0), np.minimum(high + margin_high, shape)
+  # A negative margin larger than half the box would leave nothing: keep the box's centre voxel.
+  centre = (low + high - 1) // 2
+  empty = roi_high <= roi_low
+  return np.where(empty, centre, roi_low), np.where(empty, centre + 1, roi_high)
 
 
 def _patch_start(case: CachedCase, settings: PatchSettings, rng: np.random.Generator,

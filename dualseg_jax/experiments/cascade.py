@@ -24,7 +24,8 @@ CASCADE_STAGES = ('pancreas_coarse', 'pancreas_fine', 'tumour_coarse', 'tumour_f
 PANCREAS, TUMOUR = 1, 2
 # Written by train_stages into the experiment folder; read by `launch.predict --cascade`.
 SPEC_FILE = 'cascade.json'
-MARGIN_KEYS = ('pancreas_margin_vox', 'tumour_margin_vox')
+MARGIN_KEYS = ('pancreas_margin_vox', 'tumour_coarse_margin_vox', 'tumour_margin_vox')
+ROUNDS_KEY = 'tumour_rounds'
 
 
 class StagePredictor(Protocol):
@@ -79,13 +80,23 @@ def _in_box(volume: Volume, predictor: StagePredictor, box, structure: int, tta_
 
 def cascade_predict(volume: Volume, predictors: dict[str, StagePredictor],
                     pancreas_margin_vox: Sequence[int], tumour_margin_vox: Sequence[int],
-                    tta_flips: int | None = None) -> CascadeOutput:
-  """Runs the four stages on one canonical volume. An empty pancreas at any stage gives an empty
-  pancreas and tumour and a note, never an error."""
+                    tta_flips: int | None = None,
+                    tumour_coarse_margin_vox: Sequence[int] | None = None,
+                    tumour_rounds: int = 1) -> CascadeOutput:
+  """Runs the four stages on one canonical volume, as the reference does: pancreas coarse on the
+  whole volume; pancreas fine inside its box + `pancreas_margin_vox`; tumour coarse inside the
+  fine pancreas's box + `tumour_coarse_margin_vox` (default `tumour_margin_vox`); tumour fine
+  inside the box of the tumour found so far + `tumour_margin_vox` (the pancreas box when the
+  coarse stage found none), re-cropped to its own result for up to `tumour_rounds` rounds
+  (fewer when the box stops changing or the tumour vanishes). An empty pancreas at any stage
+  gives an empty pancreas and tumour and a note, never an error."""
   missing = [stage for stage in CASCADE_STAGES if stage not in predictors]
   if missing:
     raise ConfigError(f'the cascade needs a run for every stage; missing {missing}')
-  notes, boxes = [], {'pancreas_fine': None, 'tumour_fine': None}
+  if tumour_coarse_margin_vox is None:
+    tumour_coarse_margin_vox = tumour_margin_vox
+  notes = []
+  boxes: dict[str, Any] = {'pancreas_fine': None, 'tumour_coarse': None, 'tumour_fine': None}
   empty = np.zeros(volume.array.shape, dtype=np.uint8)
 
   coarse = predictors['pancreas_coarse'].predict_volume(volume, tta_flips=tta_flips)['label'] >= PANCREAS
@@ -100,14 +111,22 @@ def cascade_predict(volume: Volume, predictors: dict[str, StagePredictor],
                  'pancreas_coarse: pancreas and tumour are left empty')
     return CascadeOutput(empty, notes, boxes)
 
-  tumour_coarse = predictors['tumour_coarse'].predict_volume(
-      volume, tta_flips=tta_flips, pancreas_mask=pancreas)['label'] == TUMOUR
-  # The fine tumour stage looks at the pancreas region, grown to hold what the coarse stage found.
-  tumour_box = union_box(region_of_interest(pancreas, tumour_margin_vox),
-                         region_of_interest(tumour_coarse, tumour_margin_vox))
-  boxes['tumour_fine'] = tumour_box
-  tumour = _in_box(volume, predictors['tumour_fine'], tumour_box, TUMOUR, tta_flips,
-                   pancreas_mask=pancreas)
+  tumour_coarse_box = region_of_interest(pancreas, tumour_coarse_margin_vox)
+  boxes['tumour_coarse'] = tumour_coarse_box
+  tumour_coarse = _in_box(volume, predictors['tumour_coarse'], tumour_coarse_box, TUMOUR, tta_flips,
+                          pancreas_mask=pancreas)
+  # Tumour fine zooms onto what was found so far; with nothing found it looks at the pancreas.
+  tumour_box = region_of_interest(tumour_coarse if tumour_coarse.any() else pancreas,
+                                  tumour_margin_vox)
+  tumour = np.zeros(volume.array.shape, dtype=bool)
+  for _ in range(max(1, int(tumour_rounds))):
+    boxes['tumour_fine'] = tumour_box
+    tumour = _in_box(volume, predictors['tumour_fine'], tumour_box, TUMOUR, tta_flips,
+                     pancreas_mask=pancreas)
+    next_box = region_of_interest(tumour, tumour_margin_vox)
+    if next_box is None or next_box == tumour_box:
+      break
+    tumour_box = next_box
   if not tumour_coarse.any() and not tumour.any():
     notes.append('no tumour found (coarse and fine)')
   label = np.zeros(volume.array.shape, dtype=np.uint8)
@@ -120,20 +139,65 @@ def _describe(box) -> str:
   return '[' + ', '.join(f'{s.start}:{s.stop}' for s in box) + ']'
 
 
+CASCADE_RECIPES = ('reference', 'uniform')
+# Crops of the reference's training scripts: (in-plane voxel margin range, z margin range as a
+# share of the slices, the structure whose box they grow).
+_REFERENCE_CROPS = {
+    'pancreas_fine': ((20, 20), (0.05, 0.05), 'pancreas'),
+    'tumour_coarse': ((0, 30), (0.01, 0.1), 'pancreas'),
+    'tumour_fine': ((-5, 40), (0.01, 0.1), 'tumour'),
+}
+
+
 def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collections.ConfigDict:
   """The config of one cascade stage: one output channel, the fine patch size for fine stages,
-  the slice-classification head and SDF consistency for the fine tumour stage."""
+  the slice-classification head for the fine tumour stage, and with
+  `experiments.cascade_recipe='reference'` the reference's per-stage resolution, crops, losses
+  and views (docs/fidelity.md)."""
   if stage not in CASCADE_STAGES:
     raise ConfigError(f'stage {stage!r} is not a cascade stage {CASCADE_STAGES}')
+  recipe = config.experiments.cascade_recipe
+  if recipe not in CASCADE_RECIPES:
+    raise ConfigError(f'experiments.cascade_recipe={recipe!r}: choose one of {CASCADE_RECIPES}')
   overrides: dict[str, Any] = {'stage': stage, 'model.num_classes': 1}
   fine_patch = tuple(config.experiments.cascade_fine_patch_size)
-  if stage.endswith('_fine'):
-    if fine_patch:
-      overrides['data.patch_size'] = fine_patch
-    overrides['loss.consistency_on_sdf'] = True
+  if stage.endswith('_fine') and fine_patch:
+    overrides['data.patch_size'] = fine_patch
   if stage == 'tumour_fine':
     overrides['model.slice_head'] = True
     overrides['loss.weights.slice_bce'] = 1.0
+  if recipe == 'uniform':
+    if stage.endswith('_fine'):
+      overrides['loss.consistency_on_sdf'] = True
+    return runs.with_overrides(config, overrides)
+
+  if stage.startswith('pancreas_'):
+    # The SDF terms belong to the reference's tumour stages only.
+    overrides['loss.weights.sdf_l1'] = 0.0
+    overrides['loss.weights.sdf_to_mask_dice'] = 0.0
+    overrides['loss.consistency_on_sdf'] = False
+    overrides['augment.elastic_prob'] = 0.5  # the reference's pancreas stages (tumour: 0.1)
+  if stage == 'pancreas_coarse':
+    factor = tuple(float(f) for f in config.experiments.cascade_coarse_spacing_factor)
+    if len(factor) != 3 or any(f <= 0 for f in factor):
+      raise ConfigError(f'experiments.cascade_coarse_spacing_factor={factor}: give three positive '
+                        'factors (z, y, x), e.g. (1, 2, 2) for half the in-plane resolution')
+    overrides['data.target_spacing_mm'] = tuple(
+        s * f for s, f in zip(config.data.target_spacing_mm, factor))
+    overrides['loss.consistency_form'] = 'cosine'
+  elif stage == 'pancreas_fine':
+    overrides['loss.weights.consistency'] = 0.0
+    overrides['augment.raw_view'] = True
+  else:
+    overrides['loss.consistency_form'] = 'mse'
+    overrides['loss.consistency_on_sdf'] = stage == 'tumour_fine'
+  if stage in _REFERENCE_CROPS:
+    margin_xy, margin_z, structure = _REFERENCE_CROPS[stage]
+    overrides['data.crop_margin_xy'] = margin_xy
+    overrides['data.crop_margin_z_fraction'] = margin_z
+    overrides['data.roi_structure'] = structure
+    # These stages only ever predict inside the box of the stage before them.
+    overrides['data.random_patch_fraction'] = 0.0
   return runs.with_overrides(config, overrides)
 
 
@@ -148,8 +212,7 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
     stage_overrides['train.evaluate_test_center'] = False
     specs.append(runs.RunSpec(name=stage, overrides=stage_overrides))
   stage_dirs = runs.run_all(config, workdir, specs, train_fn=train_fn)
-  write_spec(workdir, stage_dirs, config.experiments.cascade_pancreas_margin_vox,
-             config.experiments.cascade_tumour_margin_vox)
+  write_spec(workdir, stage_dirs, config.experiments)
   return stage_dirs
 
 
@@ -158,15 +221,31 @@ class CascadeSpec:
   """The four trained stage runs of one cascade and the margins of its regions of interest."""
   stage_dirs: dict[str, pathlib.Path]  # stage -> its run directory (config.json, checkpoints/)
   pancreas_margin_vox: tuple[int, int, int]  # (z, y, x) around the coarse pancreas
-  tumour_margin_vox: tuple[int, int, int]  # (z, y, x) around the fine pancreas
+  tumour_coarse_margin_vox: tuple[int, int, int]  # (z, y, x) around the fine pancreas
+  tumour_margin_vox: tuple[int, int, int]  # (z, y, x) around the tumour found so far
+  tumour_rounds: int  # how often tumour fine is re-cropped to its own result, at most
   source: pathlib.Path  # the folder or JSON file it was read from, for messages
+
+  @classmethod
+  def from_config(cls, stage_dirs: dict[str, pathlib.Path], experiments: ml_collections.ConfigDict,
+                  source: pathlib.Path) -> 'CascadeSpec':
+    return cls(stage_dirs={stage: pathlib.Path(stage_dirs[stage]) for stage in CASCADE_STAGES},
+               pancreas_margin_vox=tuple(experiments.cascade_pancreas_margin_vox),
+               tumour_coarse_margin_vox=tuple(experiments.cascade_tumour_coarse_margin_vox),
+               tumour_margin_vox=tuple(experiments.cascade_tumour_margin_vox),
+               tumour_rounds=_rounds(source, experiments.cascade_tumour_rounds), source=source)
+
+  def predict(self, volume: Volume, predictors: dict[str, StagePredictor],
+              tta_flips: int | None = None) -> CascadeOutput:
+    return cascade_predict(volume, predictors, self.pancreas_margin_vox, self.tumour_margin_vox,
+                           tta_flips=tta_flips, tumour_coarse_margin_vox=self.tumour_coarse_margin_vox,
+                           tumour_rounds=self.tumour_rounds)
 
 
 def write_spec(workdir: str | pathlib.Path, stage_dirs: dict[str, pathlib.Path],
-               pancreas_margin_vox: Sequence[int], tumour_margin_vox: Sequence[int]
-               ) -> pathlib.Path:
+               experiments: ml_collections.ConfigDict) -> pathlib.Path:
   """workdir/cascade.json: each stage's run directory relative to workdir where it lies inside
-  (so the experiment folder can be moved or copied whole), and the margins."""
+  (so the experiment folder can be moved or copied whole), the margins and the tumour rounds."""
   workdir = pathlib.Path(workdir)
   content: dict[str, Any] = {}
   for stage in CASCADE_STAGES:
@@ -175,8 +254,9 @@ def write_spec(workdir: str | pathlib.Path, stage_dirs: dict[str, pathlib.Path],
       content[stage] = str(stage_dir.absolute().relative_to(workdir.absolute()))
     except ValueError:
       content[stage] = str(stage_dir.absolute())
-  content['pancreas_margin_vox'] = [int(margin) for margin in pancreas_margin_vox]
-  content['tumour_margin_vox'] = [int(margin) for margin in tumour_margin_vox]
+  for key in MARGIN_KEYS:
+    content[key] = [int(margin) for margin in experiments[f'cascade_{key}']]
+  content[ROUNDS_KEY] = int(experiments.cascade_tumour_rounds)
   workdir.mkdir(parents=True, exist_ok=True)
   files.write_json(workdir / SPEC_FILE, content)
   return workdir / SPEC_FILE
@@ -185,10 +265,11 @@ def write_spec(workdir: str | pathlib.Path, stage_dirs: dict[str, pathlib.Path],
 def read_spec(spec_path: str | pathlib.Path) -> CascadeSpec:
   """A cascade from an experiment folder (its cascade.json, else its four <stage>/ folders) or
   from a JSON file naming the four stage run directories (relative paths are taken from the
-  file's folder) and optionally `pancreas_margin_vox` and `tumour_margin_vox` (z, y, x).
+  file's folder) and optionally `pancreas_margin_vox`, `tumour_coarse_margin_vox` and
+  `tumour_margin_vox` (z, y, x) and `tumour_rounds`.
 
-  Margins the spec leaves out are those the pancreas_coarse run was configured with
-  (config.experiments.cascade_*_margin_vox).
+  Settings the spec leaves out are those the pancreas_coarse run was configured with
+  (config.experiments.cascade_*).
   """
   spec_path = pathlib.Path(spec_path)
   if spec_path.is_dir() and (spec_path / SPEC_FILE).is_file():
@@ -213,15 +294,16 @@ def read_spec(spec_path: str | pathlib.Path) -> CascadeSpec:
       raise ConfigError(f'cascade spec {spec_path}: the {stage} run directory {stage_dir} holds no '
                         f'config.json, so it is not a training run; correct {stage!r}')
     stage_dirs[stage] = stage_dir
-  margins = {key: content.get(key) for key in MARGIN_KEYS}
-  if any(margin is None for margin in margins.values()):
+  settings = {key: content.get(key) for key in MARGIN_KEYS + (ROUNDS_KEY,)}
+  if any(value is None for value in settings.values()):
     from dualseg_jax.inference import predictor as predictor_lib  # deferred: imports jax
     trained = predictor_lib.load_config(stage_dirs['pancreas_coarse']).experiments
-    for key in MARGIN_KEYS:
-      if margins[key] is None:
-        margins[key] = trained[f'cascade_{key}']
+    for key in settings:
+      if settings[key] is None:
+        settings[key] = trained[f'cascade_{key}']
   return CascadeSpec(stage_dirs=stage_dirs, source=spec_path,
-                     **{key: _margin(spec_path, key, value) for key, value in margins.items()})
+                     tumour_rounds=_rounds(spec_path, settings[ROUNDS_KEY]),
+                     **{key: _margin(spec_path, key, settings[key]) for key in MARGIN_KEYS})
 
 
 def _read_spec_json(path: pathlib.Path) -> dict[str, Any]:
@@ -232,8 +314,8 @@ def _read_spec_json(path: pathlib.Path) -> dict[str, Any]:
                       'the cascade experiment folder instead') from error
   if not isinstance(content, dict):
     raise ConfigError(f'cascade spec {path} must hold a JSON object with the keys {CASCADE_STAGES} '
-                      f'(run directories) and optionally {MARGIN_KEYS}')
-  known = CASCADE_STAGES + MARGIN_KEYS
+                      f'(run directories) and optionally {MARGIN_KEYS + (ROUNDS_KEY,)}')
+  known = CASCADE_STAGES + MARGIN_KEYS + (ROUNDS_KEY,)
   unknown = sorted(key for key in content if key not in known)
   if unknown:
     raise ConfigError(f'cascade spec {path}: unknown key {unknown[0]!r}; the keys are {known}')
@@ -257,6 +339,13 @@ def _margin(spec_path: pathlib.Path, key: str, value: Any) -> tuple[int, int, in
     return tuple(int(item) for item in value)
   raise ConfigError(f'cascade spec {spec_path}: {key!r} = {value!r}; give three whole voxel counts '
                     '>= 0 in (z, y, x) order, e.g. [4, 12, 12]')
+
+
+def _rounds(source, value: Any) -> int:
+  if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+    return value
+  raise ConfigError(f'{source}: tumour_rounds = {value!r}; give a whole number >= 1 (the reference '
+                    're-crops tumour fine 4 times)')
 
 
 def load_predictors(spec: CascadeSpec, checkpoint: str | None = None) -> dict[str, StagePredictor]:
@@ -306,17 +395,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   if not cases:
     log.warning('no labelled test cases for the cascade to evaluate')
     return None
-  spec = CascadeSpec(stage_dirs={stage: pathlib.Path(stage_dirs[stage]) for stage in CASCADE_STAGES},
-                     pancreas_margin_vox=tuple(config.experiments.cascade_pancreas_margin_vox),
-                     tumour_margin_vox=tuple(config.experiments.cascade_tumour_margin_vox),
-                     source=workdir)
+  spec = CascadeSpec.from_config(stage_dirs, config.experiments, source=workdir)
   predictors = load_predictors(spec)
   out_dir = workdir / 'evaluation'
   (out_dir / 'predictions').mkdir(parents=True, exist_ok=True)
   notes = {}
   for case in cases:
     volume = io.read_volume(case.image_path)
-    output = cascade_predict(volume, predictors, spec.pancreas_margin_vox, spec.tumour_margin_vox)
+    output = spec.predict(volume, predictors)
     io.write_nifti(output.label, volume.geometry, out_dir / 'predictions' / f'{case.case_id}.nii.gz',
                    dtype=np.uint8)
     notes[case.case_id] = output.notes

@@ -126,7 +126,8 @@ def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
         f'{path} is not readable JSON ({error}); rewrite it or use another run') from error
   config = config_base.base_config()
   try:
-    _merge_into(config, saved)
+    # A key the run predates holds what the run computed, not today's default.
+    _merge_into(config, config_base.with_earlier_values(saved))
   except TypeError as error:
     raise ConfigError(f'{path}: a value has the wrong type for its key ({error})') from error
   return config

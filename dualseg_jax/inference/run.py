@@ -20,6 +20,7 @@ import tqdm
 from dualseg_jax import files
 from dualseg_jax import locks
 from dualseg_jax.data import io
+from dualseg_jax.data.volume import Volume
 from dualseg_jax.errors import ConfigError, DataError
 from dualseg_jax.experiments import cascade as cascade_lib
 from dualseg_jax.inference.predictor import Predictor, load_config, load_predictor
@@ -238,24 +239,30 @@ def predict_cases_with_cascade(predictors: dict[str, cascade_lib.StagePredictor]
                                pancreas_margin_vox: Sequence[int], tumour_margin_vox: Sequence[int],
                                input_path: str | pathlib.Path, output_dir: str | pathlib.Path,
                                tta_flips: int | None = None, overwrite: bool = False,
-                               resume: bool = False) -> list[dict[str, pathlib.Path]]:
-  """Predicts every case under `input_path` with the four cascade stages; writes per case
-  <case>.nii.gz (uint8 0/1/2, the input's exact shape and affine) and <case>_notes.json (what the
-  cascade could not do, e.g. an empty pancreas region, and the boxes the fine stages saw)."""
+                               resume: bool = False,
+                               tumour_coarse_margin_vox: Sequence[int] | None = None,
+                               tumour_rounds: int = 1) -> list[dict[str, pathlib.Path]]:
+  """Predicts every case under `input_path` with the four cascade stages (regions as
+  `cascade.cascade_predict`); writes per case <case>.nii.gz (uint8 0/1/2, the input's exact shape
+  and affine) and <case>_notes.json (what the cascade could not do, e.g. an empty pancreas
+  region, and the boxes the later stages saw)."""
+  def predict(volume):
+    return cascade_lib.cascade_predict(volume, predictors, pancreas_margin_vox, tumour_margin_vox,
+                                       tta_flips=tta_flips,
+                                       tumour_coarse_margin_vox=tumour_coarse_margin_vox,
+                                       tumour_rounds=tumour_rounds)
+
   with locks.hold(output_dir, LOCK_PURPOSE):
     planned = plan_outputs(input_path, output_dir, overwrite=overwrite, notes=True, resume=resume)
-    return _predict_planned_with_cascade(predictors, pancreas_margin_vox, tumour_margin_vox,
-                                         planned, tta_flips, resume)
+    return _predict_planned_with_cascade(predict, planned, resume)
 
 
-def _predict_planned_with_cascade(predictors, pancreas_margin_vox, tumour_margin_vox,
-                                  planned: Planned, tta_flips: int | None, resume: bool
-                                  ) -> list[dict[str, pathlib.Path]]:
+def _predict_planned_with_cascade(predict: Callable[[Volume], cascade_lib.CascadeOutput],
+                                  planned: Planned, resume: bool) -> list[dict[str, pathlib.Path]]:
   def predict_and_write(case, paths, check_stop):
     del check_stop  # the four stages run whole; the next case is where a stop takes effect
     volume = io.read_volume(case.source)
-    output = cascade_lib.cascade_predict(volume, predictors, pancreas_margin_vox, tumour_margin_vox,
-                                         tta_flips=tta_flips)
+    output = predict(volume)
     _write_notes(paths['notes'], case, output)  # the label last: see predict_planned
     io.write_nifti(output.label, volume.geometry, paths['label'], dtype=np.uint8)
     for note in output.notes:
@@ -268,8 +275,9 @@ def _write_notes(path: pathlib.Path, case: Case, output: cascade_lib.CascadeOutp
   boxes = {stage: None if box is None else [[region.start, region.stop] for region in box]
            for stage, box in output.boxes.items()}
   content = {'case': case.name, 'source': str(case.source), 'notes': output.notes,
-             # [start, stop) per axis of the canonical (z, y, x) array, not of the input file.
-             'fine_stage_boxes_zyx': boxes}
+             # [start, stop) per axis of the canonical (z, y, x) array, not of the input file;
+             # tumour_fine's is the box of its last round.
+             'stage_boxes_zyx': boxes}
   files.write_json(path, content)
 
 
@@ -288,5 +296,5 @@ def predict_with_cascade(spec_path: str | pathlib.Path, input_path: str | pathli
     if resume and _all_complete(planned, output_dir):
       return [paths for _, paths in planned]
     predictors = cascade_lib.load_predictors(spec, checkpoint=checkpoint)
-    return _predict_planned_with_cascade(predictors, spec.pancreas_margin_vox,
-                                         spec.tumour_margin_vox, planned, tta_flips, resume)
+    return _predict_planned_with_cascade(
+        lambda volume: spec.predict(volume, predictors, tta_flips=tta_flips), planned, resume)

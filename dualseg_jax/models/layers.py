@@ -1,9 +1,11 @@
-"""Building blocks of the dual-task network: weight-standardised 3D convolution and the
-pre-activation residual block (GroupNorm-ReLU-conv twice, plus the input). NDHWC layout."""
+"""Building blocks of the dual-task network: weight-standardised 3D convolution, the
+pre-activation residual block (GroupNorm-ReLU-conv twice, plus the input), the strided
+downsampling unit and the initialisers of `model.kernel_init`. NDHWC layout."""
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -24,6 +26,40 @@ def standardize_kernel(kernel: jax.Array, eps: float = STANDARDIZE_EPS) -> jax.A
   mean = jnp.mean(kernel, axis=reduce_axes, keepdims=True)
   variance = jnp.var(kernel, axis=reduce_axes, keepdims=True)
   return (kernel - mean) / jnp.sqrt(variance + eps)
+
+
+KERNEL_INITS = ('torch_default', 'he_normal')
+
+
+def kernel_initializer(name: str) -> Callable:
+  """`model.kernel_init` for every conv and dense kernel; fan_in = kernel volume x input channels
+  per group.
+
+  'torch_default' is PyTorch's kaiming_uniform_(a=sqrt(5)): bound gain * sqrt(3 / fan_in) with
+  gain sqrt(2 / (1 + 5)), i.e. U(-1/sqrt(fan_in), 1/sqrt(fan_in)), std 1/sqrt(3 * fan_in).
+  'he_normal' draws std sqrt(2 / fan_in), 2.4x larger. A weight-standardised conv's forward pass
+  ignores the scale, but Adam's steps have a fixed size, so the scale sets how far the first
+  updates turn each filter.
+  """
+  if name == 'torch_default':
+    return nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
+  if name == 'he_normal':
+    return nn.initializers.he_normal()
+  raise ConfigError(f'model.kernel_init={name!r}; choose one of {KERNEL_INITS}')
+
+
+def bias_initializer(name: str, fan_in: int) -> Callable:
+  """The bias that goes with `kernel_initializer(name)`: PyTorch's
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for 'torch_default', zeros for 'he_normal'."""
+  if name == 'he_normal':
+    return nn.initializers.zeros
+  kernel_initializer(name)  # an unknown name is a ConfigError
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
 
 
 CONV_IMPLS = ('conv3d', 'depth_folded')
@@ -105,12 +141,13 @@ class StdConv3D(nn.Module):
   dtype: Any = jnp.float32
   subsample_stride: bool = False
   conv_impl: str = 'conv3d'
+  kernel_init: str = 'torch_default'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     in_features = x.shape[-1]
     shape = (self.kernel_size,) * 3 + (in_features, self.features)
-    kernel = self.param('kernel', nn.initializers.he_normal(), shape, jnp.float32)
+    kernel = self.param('kernel', kernel_initializer(self.kernel_init), shape, jnp.float32)
     kernel = standardize_kernel(kernel).astype(self.dtype)
     return conv3d(x.astype(self.dtype), kernel, self.stride, self.dilation, self.conv_impl,
                   self.subsample_stride)
@@ -135,12 +172,13 @@ class ResidualBlock(nn.Module):
   dtype: Any = jnp.float32
   subsample_stride: bool = False
   conv_impl: str = 'conv3d'
+  kernel_init: str = 'torch_default'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     def conv(features, kernel_size, stride, dilation, name):
       return StdConv3D(features, kernel_size, stride, dilation, self.dtype, self.subsample_stride,
-                       self.conv_impl, name=name)
+                       self.conv_impl, self.kernel_init, name=name)
 
     residual = x
     y = nn.relu(group_norm(self.num_groups, self.dtype, name='norm1')(x))
@@ -151,3 +189,21 @@ class ResidualBlock(nn.Module):
       residual = nn.relu(group_norm(self.num_groups, self.dtype, name='shortcut_norm')(x))
       residual = conv(self.features, 1, self.stride, 1, 'shortcut_conv')(residual)
     return y + residual.astype(y.dtype)
+
+
+class DownsamplingUnit(nn.Module):
+  """GN-ReLU-3x3x3 weight-standardised conv with stride 2 (no residual path): the method's step
+  from one encoder level to the next, changing the width to `features`."""
+
+  features: int
+  num_groups: int = 8
+  dtype: Any = jnp.float32
+  subsample_stride: bool = False
+  conv_impl: str = 'conv3d'
+  kernel_init: str = 'torch_default'
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = nn.relu(group_norm(self.num_groups, self.dtype, name='norm')(x))
+    return StdConv3D(self.features, 3, 2, 1, self.dtype, self.subsample_stride, self.conv_impl,
+                     self.kernel_init, name='conv')(x)

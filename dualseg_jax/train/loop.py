@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import pathlib
 import shutil
 import sys
@@ -44,10 +43,6 @@ _RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'tra
                       'train.evaluate_test_center', 'data.num_workers', 'data.prefetch', 'inference',
                       'model.conv_impl', 'model.subsample_stride', 'model.remat')
 
-# Keys added after runs had started whose default computes something other than what those runs
-# did: a saved config without the key ran with the value here.
-_VALUE_BEFORE_KEY = {'augment.randconv_gain': math.sqrt(2.0)}
-
 
 def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
   flat = {}
@@ -64,9 +59,7 @@ def config_differences(saved: dict, current: dict) -> list[str]:
   """Keys whose values differ between two config dicts, ignoring those a resume may change and
   keys added to the project after the run started that hold their default (the run computed
   what the default computes)."""
-  saved_flat, current_flat = _flatten(saved), _flatten(current)
-  saved_flat = {**{key: value for key, value in _VALUE_BEFORE_KEY.items() if key in current_flat},
-                **saved_flat}
+  saved_flat, current_flat = _flatten(config_base.with_earlier_values(saved)), _flatten(current)
   defaults = _flatten(json.loads(config_base.base_config().to_json_best_effort()))
   differences = []
   for key in sorted(set(saved_flat) | set(current_flat)):
@@ -74,6 +67,8 @@ def config_differences(saved: dict, current: dict) -> list[str]:
       continue
     if key not in saved_flat and key in defaults and current_flat.get(key) == defaults[key]:
       continue
+    if key not in current_flat and key in config_base.VALUES_BEFORE_KEYS:
+      continue  # filled in for the saved side only; a complete current config holds every key
     if saved_flat.get(key) != current_flat.get(key):
       differences.append(f'{key}: run has {saved_flat.get(key)!r}, now {current_flat.get(key)!r}')
   return differences

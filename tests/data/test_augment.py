@@ -60,6 +60,8 @@ def _params_with_matrix(matrix, config, shape=SHAPE):
 
 
 DEFAULT_CONFIG = _augment_config()
+# Every sample rotated, zoomed, gamma-corrected and noised (the defaults draw each with p 0.5).
+ALWAYS_ON = dict(rotation_prob=1.0, scale_prob=1.0, gamma_prob=1.0, noise_prob=1.0)
 # One compiled function for every test that applies explicit parameters with the default config.
 _apply_default = jax.jit(
     lambda p, b: augment.augment_with_params(p, b, DEFAULT_CONFIG, SLICE_MIN_VOXELS))
@@ -159,7 +161,7 @@ def _cell_contents(structure):
 
 @pytest.mark.parametrize('contrastive_sampling', ['per_slice', 'uniform'])
 def test_random_augmentation_keeps_labels_masks_and_positions_consistent(contrastive_sampling):
-  config = _augment_config(elastic_prob=0.5, elastic_magnitude_vox=2.0)
+  config = _augment_config(elastic_prob=0.5, elastic_magnitude_vox=2.0, **ALWAYS_ON)
   samples = [_sample(seed, contrastive_sampling=contrastive_sampling) for seed in range(4)]
   batch = _batch(*samples)
   total_valid = 0
@@ -195,7 +197,7 @@ def test_random_augmentation_keeps_labels_masks_and_positions_consistent(contras
 
 
 def test_forward_map_inverts_the_sampling_map_with_elastic_offsets():
-  config = _augment_config(elastic_prob=1.0, elastic_magnitude_vox=1.0)
+  config = _augment_config(elastic_prob=1.0, elastic_magnitude_vox=1.0, **ALWAYS_ON)
   params = augment.sample_transform(jax.random.key(7), SHAPE, config)
   points = jnp.asarray(np.random.default_rng(0).uniform(4, 12, (50, 3)), jnp.float32)
   source = augment._source_points(params, points, SHAPE, config.elastic_sigma_vox)
@@ -239,9 +241,9 @@ def test_warped_masks_are_the_sign_of_the_warped_sdf(zoom):
 def test_a_perfect_sdf_through_the_sharp_transform_reproduces_the_augmented_mask():
   """The SDF->mask Dice term must be satisfiable together with the Dice term: for a prediction
   equal to the SDF target, sigmoid(-1500 sdf) scores Dice >= 0.98 against the mask, for the
-  pancreas and the tumour, on patches under the default random augmentation (rotation, zoom,
-  flips, elastic). With the zero level on the boundary voxels this was 0.81 / 0.62."""
-  config = _augment_config(elastic_prob=0.5)
+  pancreas and the tumour, on patches under random rotation and zoom on every sample, flips and
+  elastic. With the zero level on the boundary voxels this was 0.81 / 0.62."""
+  config = _augment_config(elastic_prob=0.5, **ALWAYS_ON)
   samples = [_sample(seed) for seed in range(4)]
   keys = jax.random.split(jax.random.key(3), len(samples))
   params = _stack_params(*[augment.sample_transform(key, SHAPE, config) for key in keys])
@@ -253,3 +255,96 @@ def test_a_perfect_sdf_through_the_sharp_transform_reproduces_the_augmented_mask
         continue
       transformed = 1.0 / (1.0 + np.exp(np.clip(1500.0 * sdf[index, ..., channel], -50, 50)))
       assert _soft_dice(transformed, mask[index, ..., channel]) >= 0.98, (channel, index)
+
+
+# --- How often each transform happens ---------------------------------------------------------
+
+def _sampled_transforms(config, count, seed=0):
+  keys = jax.random.split(jax.random.key(seed), count)
+  sample = jax.jit(jax.vmap(lambda key: augment.sample_transform(key, SHAPE, config)))
+  params = sample(keys)
+  del params['noise_key']  # a key array, no NumPy form
+  return jax.tree.map(np.asarray, params)
+
+
+def _which_transforms_happened(params):
+  """Per sample and transform, read back from the parameters alone (flips and elastic off, so the
+  matrix is rotation / zoom with an orthogonal rotation at unit spacing)."""
+  matrix = params['matrix'].astype(np.float64)
+  off_diagonal = matrix - np.eye(3) * np.diagonal(matrix, axis1=-2, axis2=-1)[..., None, :]
+  return {
+      'rotation': np.abs(off_diagonal).max(axis=(-2, -1)) > 1e-6,
+      'scale': np.abs(np.abs(np.linalg.det(matrix)) - 1.0) > 1e-4,
+      'gamma': params['gamma'] != 1.0,
+      'noise': params['noise_std'] != 0.0,
+  }
+
+
+def test_the_reference_probabilities_and_noise_range_are_the_defaults():
+  config = DEFAULT_CONFIG
+  for name in ('rotation', 'scale', 'gamma', 'noise', 'flip'):
+    assert config[f'{name}_prob'] == 0.5, name
+  assert tuple(config.noise_std) == (0.0, 0.1)
+
+
+@pytest.mark.parametrize('transform', ['rotation', 'scale', 'gamma', 'noise'])
+def test_a_transform_with_probability_0_never_happens(transform):
+  config = _augment_config(**{**ALWAYS_ON, f'{transform}_prob': 0.0}, flip_prob=0.0,
+                           elastic_prob=0.0)
+  params = _sampled_transforms(config, 256)
+  happened = _which_transforms_happened(params)
+  assert not happened[transform].any()
+  assert all(happened[other].all() for other in happened if other != transform)
+  if transform == 'gamma':
+    np.testing.assert_array_equal(params['gamma'], 1.0)
+  elif transform == 'noise':
+    np.testing.assert_array_equal(params['noise_std'], 0.0)
+  elif transform == 'rotation':
+    # Zoom alone: the matrix is exactly diagonal (1/zoom on the diagonal).
+    np.testing.assert_array_equal(params['matrix'] * (1 - np.eye(3)), 0.0)
+  else:
+    # Rotation alone: an exact rotation matrix (orthonormal columns at unit spacing).
+    products = np.einsum('nij,nik->njk', params['matrix'], params['matrix'])
+    np.testing.assert_allclose(products, np.broadcast_to(np.eye(3), products.shape), atol=1e-6)
+
+
+def test_with_every_probability_1_every_transform_happens_on_every_sample():
+  config = _augment_config(**ALWAYS_ON, flip_prob=0.0, elastic_prob=0.0)
+  for transform, happened in _which_transforms_happened(_sampled_transforms(config, 256)).items():
+    assert happened.all(), transform
+
+
+def test_at_probability_half_each_transform_happens_on_about_half_the_samples_independently():
+  """512 samples: the share of each transform lies in [0.4, 0.6] (4.5 binomial standard
+  deviations of 0.022 around 0.5), and of each pair in [0.15, 0.35] (independent draws give 0.25;
+  one shared draw would give 0.5)."""
+  config = _augment_config(flip_prob=0.0, elastic_prob=0.0)
+  happened = _which_transforms_happened(_sampled_transforms(config, 512))
+  for transform, on in happened.items():
+    assert 0.4 <= on.mean() <= 0.6, (transform, on.mean())
+  names = sorted(happened)
+  for first in names:
+    for second in names:
+      if first < second:
+        both = (happened[first] & happened[second]).mean()
+        assert 0.15 <= both <= 0.35, (first, second, both)
+
+
+def test_noise_std_is_drawn_from_the_reference_range():
+  params = _sampled_transforms(_augment_config(noise_prob=1.0), 256)
+  noise_std = params['noise_std']
+  assert noise_std.min() >= 0.0 and noise_std.max() <= 0.1
+  # U(0, 0.1): 256 draws all below 0.09 would happen with probability 0.9^256 (~2e-12).
+  assert noise_std.max() > 0.09
+
+
+def test_augment_batch_with_every_probability_0_is_identity():
+  """The spatial path on, every transform switched off by its probability: the output is the
+  input, exactly."""
+  config = _augment_config(rotation_prob=0.0, scale_prob=0.0, gamma_prob=0.0, noise_prob=0.0,
+                           flip_prob=0.0, elastic_prob=0.0)
+  batch = _batch(_sample(0), _sample(1))
+  out = jax.jit(lambda k, b: augment.augment_batch(k, b, config, (3.0, 0.7, 0.7),
+                                                   SLICE_MIN_VOXELS))(jax.random.key(5), batch)
+  for name, value in batch.items():
+    _assert_same(name, out[name], value)

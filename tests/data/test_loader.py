@@ -175,6 +175,37 @@ def test_patch_lies_in_the_pancreas_roi_and_tumour_stages_centre_on_tumour(setup
           assert start[axis] <= low[axis] and high[axis] <= end[axis]
 
 
+def test_tumour_roi_with_negative_margins_keeps_patches_on_the_tumour_box(setup):
+  """The reference's fine tumour crops: the tumour box grown by -5..40 voxels in-plane. A patch
+  larger than that region covers it; a shrinking margin never empties it."""
+  config, cache, split = setup
+  config = _config(setup, foreground_fraction=0.0, random_patch_fraction=0.0,
+                   roi_structure='tumour', crop_margin_xy=(-5, 40))
+  config.stage = 'tumour_fine'
+  settings = loader.PatchSettings.from_config(config)
+  cases = [case for case in loader.cached_cases(cache, split.train, config.stage, config.data.centers)
+           if case.tumour_box is not None]
+  assert cases, 'the tiny phantom set has tumours'
+  rng = np.random.default_rng(2)
+  for case in cases:
+    low, high = (np.asarray(c) for c in case.tumour_box)
+    for _ in range(5):
+      roi_low, roi_high = loader._roi(case, settings, rng)
+      assert np.all(roi_high > roi_low)
+      # In-plane at most 40 voxels beyond the tumour box (a -5 margin may cut into it, as the
+      # reference's crops do).
+      assert np.all(roi_low[1:] >= np.maximum(low[1:] - 40, 0))
+      assert np.all(roi_high[1:] <= np.minimum(high[1:] + 40, case.shape[1:]))
+      start = loader.sample_patch(case, settings, rng)['patch_start']
+      end = start + np.array(settings.patch_size)
+      # The patch lies in the region (or covers it where the region is the smaller).
+      assert np.all((start[1:] < high[1:] + 40) & (end[1:] > low[1:] - 40))
+  with pytest.raises(ConfigError, match='data.roi_structure'):
+    loader.PatchSettings.from_config(_config(setup, roi_structure='liver'))
+  with pytest.raises(ConfigError, match=r'data.crop_margin_xy=\(10, 5\)'):
+    loader.PatchSettings.from_config(_config(setup, crop_margin_xy=(10, 5)))
+
+
 def test_random_and_joint_tumour_patches(setup):
   config, cache, split = setup
   cases = [case for case in loader.cached_cases(cache, split.train, 'joint', config.data.centers)

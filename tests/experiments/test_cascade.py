@@ -52,16 +52,57 @@ def test_four_stages_in_their_regions_and_labels_on_the_input_grid():
   image[5:7, 8:10, 9:11] = 2.0  # tumour inside it
   stages = {'pancreas_coarse': ThresholdStage(0.5, 1), 'pancreas_fine': ThresholdStage(0.5, 1),
             'tumour_coarse': ThresholdStage(1.5, 2), 'tumour_fine': ThresholdStage(1.5, 2)}
-  output = cascade.cascade_predict(_volume(image), stages, (1, 2, 2), (0, 1, 1))
+  output = cascade.cascade_predict(_volume(image), stages, (1, 2, 2), (0, 1, 1),
+                                   tumour_coarse_margin_vox=(1, 1, 1))
   assert stages['pancreas_coarse'].seen == [((12, 24, 24), None)]
   assert stages['pancreas_fine'].seen == [((6, 12, 12), None)]  # box 3:9, 4:16, 6:18
   assert output.boxes['pancreas_fine'] == (slice(3, 9), slice(4, 16), slice(6, 18))
-  assert stages['tumour_coarse'].seen == [((12, 24, 24), 4 * 8 * 8)]
-  assert output.boxes['tumour_fine'] == (slice(4, 8), slice(5, 15), slice(7, 17))
-  assert stages['tumour_fine'].seen == [((4, 10, 10), 4 * 8 * 8)]
+  # Tumour coarse inside the fine pancreas (4:8, 6:14, 8:16) + 1: 3:9, 5:15, 7:17.
+  assert output.boxes['tumour_coarse'] == (slice(3, 9), slice(5, 15), slice(7, 17))
+  assert stages['tumour_coarse'].seen == [((6, 10, 10), 4 * 8 * 8)]
+  # Tumour fine inside the coarse tumour (5:7, 8:10, 9:11) + (0, 1, 1).
+  assert output.boxes['tumour_fine'] == (slice(5, 7), slice(7, 11), slice(8, 12))
+  assert stages['tumour_fine'].seen == [((2, 4, 4), 2 * 4 * 4)]
   expected = np.where(image >= 2, 2, np.where(image >= 1, 1, 0))
   np.testing.assert_array_equal(output.label, expected)
   assert output.label.shape == image.shape and output.notes == []
+
+
+class TumourStage:
+  """Labels the tumour voxels (value 2) of the box it is given; with `first_rows` only the first
+  rows (y) of it, as a coarse stage that sees one end of an elongated tumour."""
+
+  def __init__(self, first_rows=None):
+    self.first_rows, self.seen = first_rows, []
+
+  def predict_volume(self, volume, tta_flips=None, progress=None, pancreas_mask=None):
+    self.seen.append(volume.array.shape)
+    found = volume.array >= 2
+    if self.first_rows is not None:
+      rows = np.flatnonzero(found.any(axis=(0, 2)))
+      found[:, rows[self.first_rows:]] = False
+    return {'label': np.where(found, 2, 0).astype(np.uint8)}
+
+
+@pytest.mark.parametrize('rounds, predicted_rounds, found_rows', [(1, 1, (10, 19)), (4, 4, (10, 30)),
+                                                                  (6, 4, (10, 30))])
+def test_tumour_fine_is_recropped_to_its_own_result_until_the_box_settles(
+    rounds, predicted_rounds, found_rows):
+  image = np.zeros((12, 40, 40))
+  image[2:10, 2:38, 2:38] = 1.0  # pancreas
+  image[5:7, 10:30, 12:14] = 2.0  # a tumour elongated along y
+  stages = {'pancreas_coarse': ThresholdStage(0.5, 1), 'pancreas_fine': ThresholdStage(0.5, 1),
+            'tumour_coarse': TumourStage(first_rows=3), 'tumour_fine': TumourStage()}
+  output = cascade.cascade_predict(_volume(image), stages, (0, 0, 0), (0, 6, 6),
+                                   tumour_coarse_margin_vox=(1, 1, 1), tumour_rounds=rounds)
+  # Coarse finds rows 10:13; each round's box is the last find + 6 rows: 4:19, 4:25, 4:31, 4:36;
+  # the fourth finds the whole tumour, whose box + margin is the fourth box again: settled.
+  assert len(stages['tumour_fine'].seen) == predicted_rounds
+  expected = np.zeros(image.shape, bool)
+  expected[5:7, found_rows[0]:found_rows[1], 12:14] = True
+  np.testing.assert_array_equal(output.label == 2, expected)
+  if rounds >= 4:
+    assert output.boxes['tumour_fine'] == (slice(5, 7), slice(4, 36), slice(6, 20))
 
 
 def test_empty_pancreas_gives_an_empty_label_and_a_note():
@@ -79,13 +120,47 @@ def test_empty_pancreas_gives_an_empty_label_and_a_note():
   assert not output.label.any() and 'pancreas_fine found no pancreas in the region [2:4, 5:8, 5:8]' in output.notes[0]
 
 
-def test_stage_configs(tiny_config):
+def test_stage_configs_follow_the_reference_recipe(tiny_config):
+  recipe = {stage: cascade.stage_config(tiny_config, stage) for stage in cascade.CASCADE_STAGES}
+  assert all(recipe[stage].stage == stage and recipe[stage].model.num_classes == 1
+             for stage in cascade.CASCADE_STAGES)
+  coarse, fine = recipe['pancreas_coarse'], recipe['pancreas_fine']
+  # Pancreas coarse: half the in-plane resolution, no SDF terms, cosine consistency of the views.
+  z, y, x = tiny_config.data.target_spacing_mm
+  assert tuple(coarse.data.target_spacing_mm) == (z, 2 * y, 2 * x)
+  assert coarse.loss.consistency_form == 'cosine' and coarse.loss.weights.consistency == 1.0
+  # Pancreas fine: its pancreas box + 20 voxels in-plane and 5% of the slices, one raw view.
+  assert tuple(fine.data.target_spacing_mm) == (z, y, x) and fine.augment.raw_view
+  assert tuple(fine.data.crop_margin_xy) == (20, 20) and fine.loss.weights.consistency == 0.0
+  for stage in ('pancreas_coarse', 'pancreas_fine'):
+    weights = recipe[stage].loss.weights
+    assert weights.sdf_l1 == weights.sdf_to_mask_dice == 0.0 and weights.contrastive > 0
+  # The tumour stages keep the dual-task terms; tumour fine crops around the tumour and adds the
+  # slice head and the SDF maps' consistency.
+  for stage in ('tumour_coarse', 'tumour_fine'):
+    config = recipe[stage]
+    assert config.loss.weights.sdf_l1 == tiny_config.loss.weights.sdf_l1 > 0
+    assert config.loss.consistency_form == 'mse' and config.data.random_patch_fraction == 0.0
+  assert recipe['tumour_coarse'].data.roi_structure == 'pancreas'
+  tumour_fine = recipe['tumour_fine']
+  assert tumour_fine.data.roi_structure == 'tumour' and tuple(tumour_fine.data.crop_margin_xy) == (-5, 40)
+  assert tumour_fine.model.slice_head and tumour_fine.loss.weights.slice_bce == 1.0
+  assert tumour_fine.loss.consistency_on_sdf and not recipe['tumour_coarse'].loss.consistency_on_sdf
+
+
+def test_uniform_recipe_trains_every_stage_on_the_config_as_given(tiny_config):
+  tiny_config.experiments.cascade_recipe = 'uniform'
   fine = cascade.stage_config(tiny_config, 'tumour_fine')
   assert (fine.stage, fine.model.num_classes, fine.model.slice_head) == ('tumour_fine', 1, True)
   assert fine.loss.weights.slice_bce == 1.0 and fine.loss.consistency_on_sdf
   coarse = cascade.stage_config(tiny_config, 'pancreas_coarse')
   assert (coarse.model.num_classes, coarse.model.slice_head) == (1, False)
   assert tuple(coarse.data.patch_size) == tuple(tiny_config.data.patch_size)
+  assert tuple(coarse.data.target_spacing_mm) == tuple(tiny_config.data.target_spacing_mm)
+  assert coarse.loss.weights.sdf_l1 == tiny_config.loss.weights.sdf_l1
+  tiny_config.experiments.cascade_recipe = 'published'
+  with pytest.raises(ConfigError, match='experiments.cascade_recipe'):
+    cascade.stage_config(tiny_config, 'pancreas_fine')
 
 
 def test_stages_train_in_order_once(tmp_path, tiny_config):
@@ -119,12 +194,14 @@ def test_train_stages_writes_a_spec_that_survives_moving_the_folder(tmp_path, ti
   written = json.loads((experiment / 'cascade.json').read_text())
   assert written == {'pancreas_coarse': 'pancreas_coarse', 'pancreas_fine': 'pancreas_fine',
                      'tumour_coarse': 'tumour_coarse', 'tumour_fine': 'tumour_fine',
-                     'pancreas_margin_vox': [3, 5, 7], 'tumour_margin_vox': [1, 2, 3]}
+                     'pancreas_margin_vox': [3, 5, 7], 'tumour_coarse_margin_vox': [8, 30, 30],
+                     'tumour_margin_vox': [1, 2, 3], 'tumour_rounds': 4}
   moved = pathlib.Path(shutil.move(experiment, tmp_path / 'elsewhere'))
   for spec_path in (moved, moved / 'cascade.json'):
     spec = cascade.read_spec(spec_path)
     assert spec.stage_dirs == {stage: moved / stage for stage in cascade.CASCADE_STAGES}
     assert (spec.pancreas_margin_vox, spec.tumour_margin_vox) == ((3, 5, 7), (1, 2, 3))
+    assert (spec.tumour_coarse_margin_vox, spec.tumour_rounds) == ((8, 30, 30), 4)
 
 
 def test_spec_file_paths_are_relative_to_it_and_margins_default_to_the_trained_config(
@@ -134,12 +211,14 @@ def test_spec_file_paths_are_relative_to_it_and_margins_default_to_the_trained_c
   specs.mkdir()
   stages = {stage: f'../exp/{stage}' for stage in cascade.CASCADE_STAGES}
   stages['tumour_fine'] = str((experiment / 'tumour_fine').absolute())
-  (specs / 'mine.json').write_text(json.dumps({**stages, 'tumour_margin_vox': [9, 8, 7]}))
+  (specs / 'mine.json').write_text(json.dumps({**stages, 'tumour_margin_vox': [9, 8, 7],
+                                               'tumour_rounds': 2}))
   spec = cascade.read_spec(specs / 'mine.json')
   assert {stage: path.resolve() for stage, path in spec.stage_dirs.items()} == {
       stage: (experiment / stage).resolve() for stage in cascade.CASCADE_STAGES}
   # Absent margins come from the pancreas_coarse run's config.json, given ones from the file.
   assert (spec.pancreas_margin_vox, spec.tumour_margin_vox) == ((2, 4, 6), (9, 8, 7))
+  assert (spec.tumour_coarse_margin_vox, spec.tumour_rounds) == ((8, 30, 30), 2)
   # An experiment folder without cascade.json (e.g. interrupted) is read by its stage folders.
   (experiment / 'cascade.json').unlink()
   spec = cascade.read_spec(experiment)
@@ -164,6 +243,7 @@ def test_spec_errors_name_the_stage_directory_or_key(tmp_path, tiny_config):
              r"lacks the run directory of the stage 'pancreas_fine'")
   fails_with({**good, 'tumour_margin_vox': [1, 2]}, r"'tumour_margin_vox' = \[1, 2\]; give three")
   fails_with({**good, 'pancreas_margin_vox': [1, -2, 3]}, r"'pancreas_margin_vox'")
+  fails_with({**good, 'tumour_rounds': 0}, r"tumour_rounds = 0; give a whole number >= 1")
   fails_with({**good, 'tumour_coarse': 7}, r"'tumour_coarse' must be a run directory path")
   fails_with('{"pancreas_coarse": ', r'cascade.json is not readable JSON')
   (experiment / 'not_a_run').mkdir()
@@ -221,9 +301,9 @@ def test_cascade_outputs_in_the_input_geometry_with_notes_and_overwrite_refusal(
   assert notes['a.nii.gz']['notes'] == [] and notes['a.nii.gz']['case'] == 'a'
   # Canonical (z, y, x) = source (k, flipped j, flipped i): pancreas k 2:7, j 5:12, i 6:16,
   # grown by (1, 1, 1) and clipped; flipped j of 20 and i of 24 give 8:15 and 8:18.
-  assert notes['a.nii.gz']['fine_stage_boxes_zyx']['pancreas_fine'] == [[1, 8], [7, 16], [7, 19]]
+  assert notes['a.nii.gz']['stage_boxes_zyx']['pancreas_fine'] == [[1, 8], [7, 16], [7, 19]]
   assert 'pancreas_coarse found no pancreas' in notes['b.nii.gz']['notes'][0]
-  assert notes['b.nii.gz']['fine_stage_boxes_zyx'] == {'pancreas_fine': None, 'tumour_fine': None}
+  assert notes['b.nii.gz']['stage_boxes_zyx'] == {'pancreas_fine': None, 'tumour_coarse': None, 'tumour_fine': None}
 
   before = (output / 'a.nii.gz').stat().st_mtime_ns
   (output / 'b.nii.gz').unlink()  # the notes file alone also blocks b

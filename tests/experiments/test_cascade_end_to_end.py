@@ -76,7 +76,7 @@ def test_cascade_spec_predicts_a_held_out_case_in_its_geometry(
   coarse = stage_predictors['pancreas_coarse'].predict_volume(volume)['label'] >= 1
   assert coarse.any(), 'the one-step pancreas_coarse stage found nothing: the chain is not tested'
   pancreas_box = _box(coarse, spec.pancreas_margin_vox)
-  assert notes['fine_stage_boxes_zyx']['pancreas_fine'] == pancreas_box
+  assert notes['stage_boxes_zyx']['pancreas_fine'] == pancreas_box
   crop = volume_lib.Volume(volume.array[_slices(pancreas_box)].copy(), volume.spacing_mm,
                            volume.geometry)
   pancreas = np.zeros(label.shape, bool)
@@ -88,13 +88,21 @@ def test_cascade_spec_predicts_a_held_out_case_in_its_geometry(
   dilation_vox = stage_predictors['tumour_fine'].config.inference.pancreas_dilation_vox
   distance_to_pancreas = ndimage.distance_transform_edt(~pancreas)
   assert np.all(distance_to_pancreas[tumour] <= dilation_vox)
-  tumour_box = notes['fine_stage_boxes_zyx']['tumour_fine']
+  tumour_box = notes['stage_boxes_zyx']['tumour_fine']
   inside = np.zeros(label.shape, bool)
   inside[_slices(tumour_box)] = True
   assert not (tumour & ~inside).any()
-  # The fine tumour box holds at least the pancreas grown by the tumour margin.
-  for (start, stop), (low, high) in zip(tumour_box, _box(pancreas, spec.tumour_margin_vox)):
-    assert start <= low and stop >= high
+  # Tumour coarse looked at the pancreas grown by its margin; tumour fine's last box is what the
+  # stage before it found (the tumour coarse find, else the pancreas) grown by the tumour margin.
+  assert notes['stage_boxes_zyx']['tumour_coarse'] == _box(pancreas, spec.tumour_coarse_margin_vox)
+  tumour_coarse = np.zeros(label.shape, bool)
+  coarse_box = _slices(notes['stage_boxes_zyx']['tumour_coarse'])
+  tumour_coarse[coarse_box] = stage_predictors['tumour_coarse'].predict_volume(
+      volume_lib.Volume(volume.array[coarse_box].copy(), volume.spacing_mm, volume.geometry),
+      pancreas_mask=pancreas[coarse_box])['label'] == 2
+  first_box = _box(tumour_coarse if tumour_coarse.any() else pancreas, spec.tumour_margin_vox)
+  if spec.tumour_rounds == 1 or not tumour.any():
+    assert tumour_box == first_box
 
 
 def test_a_pancreas_stage_that_finds_nothing_gives_an_empty_map_and_a_note(
@@ -112,4 +120,4 @@ def test_a_pancreas_stage_that_finds_nothing_gives_an_empty_map_and_a_note(
   assert not np.asarray(output.dataobj).any()
   notes = json.loads(written[0]['notes'].read_text())
   assert notes['notes'] == ['pancreas_coarse found no pancreas: pancreas and tumour are left empty']
-  assert notes['fine_stage_boxes_zyx'] == {'pancreas_fine': None, 'tumour_fine': None}
+  assert notes['stage_boxes_zyx'] == {'pancreas_fine': None, 'tumour_coarse': None, 'tumour_fine': None}

@@ -191,6 +191,20 @@ def test_consistency_matches_numpy(on_sdf):
   assert single == 0.0 and set(single_metrics) == set(metrics)
 
 
+def test_cosine_consistency_matches_numpy_and_ignores_the_maps_scale():
+  views, batch = make_views(12), make_batch(13)
+  value, _ = losses.LOSSES['consistency'](views, batch, loss_config(consistency_form='cosine'), 0)
+  first, second = (sigmoid(view['logits']).reshape(len(view['logits']), -1).astype(np.float64)
+                   for view in views)
+  cosines = np.sum(first * second, 1) / (np.linalg.norm(first, axis=1) * np.linalg.norm(second, axis=1))
+  np.testing.assert_allclose(value, np.mean(1.0 - cosines), rtol=1e-4)
+  same = [views[0], dict(views[0])]
+  zero, _ = losses.LOSSES['consistency'](same, batch, loss_config(consistency_form='cosine'), 0)
+  assert abs(float(zero)) < 1e-6
+  with pytest.raises(ConfigError, match='loss.consistency_form'):
+    losses.LOSSES['consistency'](views, batch, loss_config(consistency_form='l2'), 0)
+
+
 def unit_feature(view, sample, position):
   vector = view['embedding'][sample][tuple(position)].astype(np.float64)
   return vector / np.linalg.norm(vector)

@@ -1,10 +1,12 @@
 """The dual-task network: weight standardisation and convolution against NumPy, output shapes and
-dtypes, the paper-scale parameter count against a hand count, bfloat16 against float32."""
+dtypes, the paper-scale and reference parameter counts against a hand count in both downsampling
+layouts, the initial weights' scale, bfloat16 against float32."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -96,7 +98,7 @@ def test_outputs_have_the_documented_shapes_and_dtypes(tiny_model_config, tiny_v
 
 
 def hand_parameter_count(widths, blocks, dilated_blocks, fusion_width, embedding_dim, decoder_widths,
-                         num_classes, slice_hidden, slice_head):
+                         num_classes, slice_hidden, slice_head, downsample, head_norm):
   def conv3(cin, cout):
     return 27 * cin * cout  # weight-standardised, no bias
 
@@ -110,41 +112,162 @@ def hand_parameter_count(widths, blocks, dilated_blocks, fusion_width, embedding
   total = conv3(1, widths[0])
   total += blocks[0] * block(widths[0], widths[0], False)
   for level in (1, 2, 3):
-    total += block(widths[level - 1], widths[level], True)  # strided first block
-    total += (blocks[level] - 1) * block(widths[level], widths[level], False)
+    if downsample == 'separate':
+      # The downsampling unit: GN-ReLU-3x3x3 conv with stride 2.
+      total += norm(widths[level - 1]) + conv3(widths[level - 1], widths[level])
+      total += blocks[level] * block(widths[level], widths[level], False)
+    else:
+      total += block(widths[level - 1], widths[level], True)  # strided first block
+      total += (blocks[level] - 1) * block(widths[level], widths[level], False)
   total += dilated_blocks * block(widths[3], widths[3], False)
   total += widths[3] * embedding_dim + embedding_dim  # projection, with bias
   total += norm(widths[3]) + conv3(widths[3], fusion_width)  # fusion: GN + 3x3x3 conv, no bias
   decoder_inputs = (fusion_width,) + tuple(decoder_widths[:-1])
   for cin, cout in zip(decoder_inputs, decoder_widths):
     total += block(cin, cout, cin != cout)
-  total += norm(decoder_widths[-1])  # the heads' GN
+  if head_norm:
+    total += norm(decoder_widths[-1])  # the heads' GN
   total += 2 * (decoder_widths[-1] * num_classes + num_classes)  # segmentation and SDF heads
   if slice_head:
     total += norm(widths[3]) + widths[3] * slice_hidden + slice_hidden + slice_hidden + 1
   return total
 
 
-@pytest.mark.parametrize('slice_head', [False, True])
-def test_paper_parameter_count_equals_hand_count(slice_head):
-  config = three_center.get_config('paper')
-  config.model.slice_head = slice_head
-  model = models.build_model(config.model)
-  shapes = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 8, 8, 8, 1))), jax.random.PRNGKey(0))
-  count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes['params']))
-  m = config.model
+def parameter_shapes(model_config):
+  model = models.build_model(model_config)
+  return jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 8, 8, 8, 1))),
+                        jax.random.PRNGKey(0))['params']
+
+
+def count_and_hand_count(model_config):
+  shapes = parameter_shapes(model_config)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
+  count = sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+  m = model_config
   expected = hand_parameter_count(m.widths, m.blocks, m.dilated_blocks, m.fusion_width, m.embedding_dim,
-                                  m.decoder_widths, m.num_classes, m.slice_hidden, slice_head)
+                                  m.decoder_widths, m.num_classes, m.slice_hidden, m.slice_head,
+                                  m.downsample, m.head_norm)
+  return count, expected
+
+
+@pytest.mark.parametrize('preset', ['quick', 'paper'])
+@pytest.mark.parametrize('downsample', ['separate', 'strided_block'])
+@pytest.mark.parametrize('slice_head, head_norm', [(False, True), (True, True), (False, False)])
+def test_parameter_count_equals_hand_count(preset, downsample, slice_head, head_norm):
+  model_config = three_center.get_config(preset).model
+  model_config.downsample, model_config.slice_head = downsample, slice_head
+  model_config.head_norm = head_norm
+  count, expected = count_and_hand_count(model_config)
   assert count == expected
-  # The paper network: 16,686,340 weights without the slice head (the hand count above).
-  assert slice_head or count == 16_686_340
-  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes['params']))
+
+
+def test_reference_coarse_model_has_the_reference_parameter_count():
+  """The method's coarse network: one output channel, separate downsampling units, no GN-ReLU
+  before the heads; 18,966,082 parameters counted by instantiating the reference."""
+  model_config = three_center.get_config('paper').model
+  model_config.num_classes, model_config.head_norm, model_config.downsample = 1, False, 'separate'
+  count, expected = count_and_hand_count(model_config)
+  assert count == expected == 18_966_082
+
+
+def test_strided_block_layout_keeps_its_parameter_count_and_names():
+  """downsample='strided_block' with the heads' GN-ReLU and the joint stage's 2 channels: the
+  layout whose checkpoints must keep restoring, 16,686,340 parameters, levels 1-3 striding inside
+  their first block (with its 1x1 shortcut), no downsampling units."""
+  model_config = three_center.get_config('paper').model
+  model_config.downsample, model_config.head_norm = 'strided_block', True
+  model_config.num_classes = 2
+  count, expected = count_and_hand_count(model_config)
+  assert count == expected == 16_686_340
+  shapes = parameter_shapes(model_config)
+  assert not any(name.endswith('_downsample') for name in shapes)
+  for level in (1, 2, 3):
+    assert set(shapes[f'encoder{level}_block0']) == {'norm1', 'conv1', 'norm2', 'conv2',
+                                                      'shortcut_norm', 'shortcut_conv'}
+    assert 'shortcut_conv' not in shapes[f'encoder{level}_block1']
+  assert 'head_norm' in shapes
+
+
+def test_separate_layout_downsamples_in_its_own_unit():
+  model_config = three_center.get_config('paper').model
+  shapes = parameter_shapes(model_config)
+  widths = model_config.widths
+  for level in (1, 2, 3):
+    unit = shapes[f'encoder{level}_downsample']
+    assert unit['conv']['kernel'].shape == (3, 3, 3, widths[level - 1], widths[level])
+    assert set(unit['norm']) == {'scale', 'bias'}
+    for index in range(model_config.blocks[level]):
+      assert 'shortcut_conv' not in shapes[f'encoder{level}_block{index}']  # identity blocks
+  assert 'encoder1_block2' not in shapes
+
+
+def test_separate_layout_allows_levels_without_blocks():
+  model_config = three_center.get_config('tiny').model
+  model_config.blocks = (1, 0, 1, 0)
+  count, expected = count_and_hand_count(model_config)
+  assert count == expected
+
+
+@pytest.mark.parametrize('key, value', [('downsample', 'pooling'), ('kernel_init', 'xavier')])
+def test_unknown_layout_or_initialiser_is_a_config_error(key, value):
+  model_config = three_center.get_config('tiny').model
+  model_config[key] = value
+  with pytest.raises(ConfigError, match=f'model.{key}'):
+    models.build_model(model_config)
+
+
+def test_strided_block_levels_without_blocks_are_a_config_error():
+  model_config = three_center.get_config('tiny').model
+  model_config.downsample, model_config.blocks = 'strided_block', (1, 1, 0, 1)
+  with pytest.raises(ConfigError, match='model.blocks'):
+    models.build_model(model_config)
+
+
+@pytest.mark.parametrize('kernel_init, expected_std', [
+    ('torch_default', lambda fan_in: 1 / np.sqrt(3 * fan_in)),
+    ('he_normal', lambda fan_in: np.sqrt(2 / fan_in))])
+def test_initial_kernel_std_follows_kernel_init(kernel_init, expected_std):
+  x = jnp.zeros((1, 4, 4, 4, 48))
+  conv = layers.StdConv3D(features=96, kernel_init=kernel_init)
+  kernel = np.asarray(conv.init(jax.random.PRNGKey(0), x)['params']['kernel'])
+  fan_in = 27 * 48  # 124,416 weights
+  assert abs(kernel.std() / expected_std(fan_in) - 1) < 0.1
+
+
+def test_torch_default_init_reaches_every_kernel_and_bias(tiny_model_config):
+  """PyTorch's default (the paper preset's) draws kernels and biases from
+  U(-1/sqrt(fan_in), 1/sqrt(fan_in)): no weight beyond the bound (about half of a he_normal
+  kernel's weights lie beyond it), the largest near it."""
+  assert three_center.get_config('paper').model.kernel_init == 'torch_default'
+  tiny_model_config = ml_collections.ConfigDict(tiny_model_config.to_dict())
+  tiny_model_config.kernel_init = 'torch_default'
+  model = models.build_model(tiny_model_config)
+  params = models.init_variables(model, jax.random.PRNGKey(0), (1, 8, 8, 8, 1))['params']
+  checked = []
+  for path, value in jax.tree_util.tree_leaves_with_path(params):
+    names = [key.key for key in path]
+    if names[-1] != 'kernel':
+      continue
+    value = np.asarray(value)
+    bound = 1 / np.sqrt(np.prod(value.shape[:-1]))
+    assert np.abs(value).max() <= bound * (1 + 1e-6), names
+    if value.size >= 64:
+      assert np.abs(value).max() > 0.8 * bound, names
+    checked.append(names[0])
+    if names[0] in ('projection', 'sdf_head', 'slice_hidden', 'slice_output'):
+      bias = np.asarray(params[names[0]]['bias'])
+      assert np.abs(bias).max() <= bound * (1 + 1e-6) and np.any(bias != 0), names
+  assert {'stem', 'encoder1_downsample', 'projection', 'fusion_conv', 'segmentation_head',
+          'sdf_head', 'slice_hidden', 'slice_output'} <= set(checked)
+  prior_logit = np.log(tiny_model_config.foreground_prior / (1 - tiny_model_config.foreground_prior))
+  np.testing.assert_allclose(params['segmentation_head']['bias'], prior_logit, rtol=1e-6)
 
 
 @pytest.mark.parametrize('preset', ['quick', 'paper'])
 def test_outputs_start_near_the_foreground_prior_and_the_sdf_unsaturated(preset):
-  # Un-normalised decoder sums once gave logits of standard deviation 15-35 at initialisation:
-  # a saturated tanh (no SDF gradient) and confident wrong masks.
+  # Without the heads' GN-ReLU the un-normalised decoder sums give logits of standard deviation
+  # ~18 at initialisation (models/unet.py): a saturated tanh (no SDF gradient) and confident
+  # wrong masks.
   config = three_center.get_config(preset)
   model = models.build_model(config.model)
   shape = (1, 16, 32, 32, 1)
@@ -228,12 +351,15 @@ def test_unknown_conv_impl_is_a_config_error(tiny_model_config):
     models.build_model(model_config)
 
 
-@pytest.mark.parametrize('subsample_stride, conv_impl', [(True, 'conv3d'), (False, 'depth_folded')])
-def test_conv_impls_compute_the_same_network_and_gradients(subsample_stride, conv_impl):
+@pytest.mark.parametrize('subsample_stride, conv_impl, downsample',
+                         [(True, 'conv3d', 'separate'), (False, 'depth_folded', 'separate'),
+                          (True, 'depth_folded', 'strided_block')])
+def test_conv_impls_compute_the_same_network_and_gradients(subsample_stride, conv_impl, downsample):
   """Stride-1-then-subsample and depth-folded convs give the strided 3D network's outputs and
   parameter gradients."""
   from dualseg_jax import config_base
   model_config = config_base.base_config().model
+  model_config.downsample = downsample
   model_config.widths, model_config.blocks = (4, 8, 8, 8), (1, 1, 1, 1)
   model_config.dilated_blocks, model_config.fusion_width = 1, 8
   model_config.embedding_dim, model_config.decoder_widths, model_config.num_groups = 4, (8, 4, 4), 2

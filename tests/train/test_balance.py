@@ -19,8 +19,8 @@ from tests.train.test_step import PATCH, sphere_batch
 
 STEP = 3  # the contrastive weight ramps over RAMP_STEPS: at STEP its factor is 0.75
 RAMP_STEPS = 4
-ENCODER = ('stem', 'encoder0_block0', 'encoder1_block0', 'encoder2_block0', 'encoder3_block0',
-           'dilated_block0')
+ENCODER = ('stem', 'encoder0_block0', 'encoder1_downsample', 'encoder1_block0', 'encoder2_downsample',
+           'encoder2_block0', 'encoder3_downsample', 'encoder3_block0', 'dilated_block0')
 
 
 @pytest.fixture(scope='module')

@@ -135,8 +135,9 @@ def test_compute_choices_may_change_on_resume_but_the_recipe_may_not():
   assert loop.config_differences(saved, added) == ["augment.raw_view: run has None, now True"]
   # ... unless its default computes something else than the run did: RandConv kernels had std
   # sqrt(2 / k^3) before `augment.randconv_gain` existed.
-  changed = {**saved, 'augment': {'randconv_gain': 1.0}}
-  assert loop.config_differences(saved, changed) == [
+  old_run = {**saved, 'augment': {'num_views': 2}}
+  changed = {**saved, 'augment': {'num_views': 2, 'randconv_gain': 1.0}}
+  assert loop.config_differences(old_run, changed) == [
       f'augment.randconv_gain: run has {2 ** 0.5!r}, now 1.0']
   changed['augment']['randconv_gain'] = 2 ** 0.5
-  assert loop.config_differences(saved, changed) == []
+  assert loop.config_differences(old_run, changed) == []

@@ -244,7 +244,8 @@ def test_injected_augmentation_and_loss_see_the_augmented_batch_and_all_views():
 
 def test_raw_view_keeps_the_image_itself_as_the_first_view():
   augment_config = ml_collections.ConfigDict({'num_views': 2, 'raw_view': True,
-                                              'randconv_kernel_sizes': (3, 5, 7)})
+                                              'randconv_kernel_sizes': (3, 5, 7),
+                                              'randconv_gain': 1.0})
   images = jax.random.uniform(jax.random.PRNGKey(0), (2, 8, 16, 16, 1))
   key = jax.random.PRNGKey(1)
   raw_first, randconv_view = step_lib.make_views(key, images, augment_config)

@@ -65,9 +65,10 @@ def test_too_little_free_space_is_refused_before_anything_is_trained(phantom_roo
       loop.train_and_evaluate(_config(phantom_root, steps=2), folder / 'run')
     assert sorted(os.listdir(folder / 'run')) == [locks.LOCK_FILE, 'config.json']
   message = str(raised.value)
-  # 4 tiny checkpoints (~250 KiB each) and the 64 MiB kept for metrics, plots and evaluation.
+  # 4 tiny checkpoints (26,880 float32 parameters and two Adam moments: 315 KiB each) and the
+  # 64 MiB kept for metrics, plots and evaluation.
   assert message.startswith(f'not enough free space for the training run in {folder}/run: it needs '
-                            'about 65.0 MiB (4 checkpoints of ')
+                            'about 65.2 MiB (4 checkpoints of 315.0 KiB'), message
   assert 'MiB are free there. Nothing was trained by this command; free space there' in message
 
 

@@ -145,7 +145,8 @@ def view_contrast(config: ml_collections.ConfigDict, num_batches: int = 8,
   """How much of the pancreas's contrast a RandConv view keeps, on augmented training patches:
   the d' of the pancreas against a `shell_voxels` shell around it in each view, over the same d'
   in the patch itself; quantiles, and the share of views that keep under a quarter of it or
-  invert it. Measured at the reference's kernel scale (gain 1, std 1 / sqrt(k^3), the default
+  invert it; the same for the tumour (keys `tumour_*`) in patches holding one. Measured at the
+  reference's kernel scale (gain 1, std 1 / sqrt(k^3), the default
   `augment.randconv_gain`) and at the ReLU gain sqrt(2) that runs before that key used."""
   import jax  # deferred: the host part needs no accelerator
   from scipy import ndimage
@@ -158,33 +159,43 @@ def view_contrast(config: ml_collections.ConfigDict, num_batches: int = 8,
   draw = jax.jit(randconv.draw_parameters, static_argnums=(1, 2, 3, 4))
   apply = jax.jit(randconv.apply_parameters)
   kernel_sizes = tuple(config.augment.randconv_kernel_sizes)
-  relative = {'gain_1': [], 'gain_sqrt2': []}
+  # Per structure (the stage's mask channels: joint 0 pancreas, 1 tumour) and kernel scale.
+  structures = {'joint': (('pancreas', 0), ('tumour', 1))}.get(
+      config.stage, ((config.stage.split('_')[0], 0),))
+  relative = {(name, scale): [] for name, _ in structures for scale in ('gain_1', 'gain_sqrt2')}
   key = jax.random.key(0)
   for index in range(num_batches):
     batch = jax.device_get(augment_fn(jax.random.key(index), next(iterator)))
     for sample in range(batch['image'].shape[0]):
-      inside = batch['mask'][sample, ..., 0] > 0.5
-      if inside.sum() < 20:
-        continue
-      around = ndimage.binary_dilation(inside, iterations=shell_voxels) & ~inside
       image = batch['image'][sample:sample + 1]
-      raw = _separability(image[0, ..., 0], inside, around)
-      if abs(raw) < 0.1:
-        continue
-      for _ in range(views_per_patch):
+      measured = []
+      for name, channel in structures:
+        inside = batch['mask'][sample, ..., channel] > 0.5
+        if inside.sum() < 20:
+          continue
+        around = ndimage.binary_dilation(inside, iterations=shell_voxels) & ~inside
+        raw = _separability(image[0, ..., 0], inside, around)
+        if abs(raw) >= 0.1:
+          measured.append((name, inside, around, raw))
+      for _ in range(views_per_patch if measured else 0):
         key, view_key = jax.random.split(key)
         parameters = draw(view_key, 1, 1, kernel_sizes, 1.0)
         for scale_name, scale in (('gain_1', 1.0), ('gain_sqrt2', np.sqrt(2.0))):
           scaled = dict(parameters, kernel=parameters['kernel'] * scale)
           view = np.asarray(apply(image, scaled))[0, 0, ..., 0]
-          relative[scale_name].append(_separability(view, inside, around) / raw)
+          for name, inside, around, raw in measured:
+            relative[(name, scale_name)].append(_separability(view, inside, around) / raw)
   result: dict[str, Any] = {'benchmark': 'views', 'patch_size': list(config.data.patch_size),
-                            'patches': len(relative['gain_1']) // views_per_patch,
                             'views_per_patch': views_per_patch}
-  for scale_name, values in relative.items():
+  for (name, scale_name), values in relative.items():
+    result[f'{name}_patches'] = len(values) // views_per_patch
+    if not values:
+      continue
     values = np.asarray(values)
+    prefix = f'{scale_name}' if name == 'pancreas' else f'{name}_{scale_name}'
     for q in (10, 25, 50, 75, 90):
-      result[f'{scale_name}_kept_q{q}'] = round(float(np.percentile(values, q)), 3)
-    result[f'{scale_name}_under_quarter'] = round(float(np.mean(np.abs(values) < 0.25)), 3)
-    result[f'{scale_name}_inverted'] = round(float(np.mean(values < 0)), 3)
+      result[f'{prefix}_kept_q{q}'] = round(float(np.percentile(values, q)), 3)
+    result[f'{prefix}_under_quarter'] = round(float(np.mean(np.abs(values) < 0.25)), 3)
+    result[f'{prefix}_inverted'] = round(float(np.mean(values < 0)), 3)
+  result['patches'] = result[f'{structures[0][0]}_patches']
   return result

@@ -83,7 +83,10 @@ def test_views_row_reports_how_much_pancreas_contrast_randconv_keeps(phantom_roo
   [row] = list(bench.run('views', config, loader_batches=2))
   json.dumps(row)
   assert row['benchmark'] == 'views' and row['patches'] > 0
-  for scale in ('gain_1', 'gain_sqrt2'):
+  assert row['pancreas_patches'] == row['patches'] and 'tumour_patches' in row
+  scales = ['gain_1', 'gain_sqrt2'] + (['tumour_gain_1', 'tumour_gain_sqrt2']
+                                       if row['tumour_patches'] else [])
+  for scale in scales:
     quantiles = [row[f'{scale}_kept_q{q}'] for q in (10, 25, 50, 75, 90)]
     assert quantiles == sorted(quantiles)
     assert 0.0 <= row[f'{scale}_inverted'] <= 1.0 and 0.0 <= row[f'{scale}_under_quarter'] <= 1.0

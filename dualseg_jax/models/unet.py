@@ -93,9 +93,14 @@ class DualTaskUNet(nn.Module):
     block_class = nn.remat(ResidualBlock) if self.remat else ResidualBlock
     downsampling_class = nn.remat(DownsamplingUnit) if self.remat else DownsamplingUnit
 
+    # Settings every block and downsampling unit shares, by name: the two classes order their
+    # fields differently.
+    layer_settings = dict(num_groups=self.num_groups, dtype=self.dtype,
+                          subsample_stride=self.subsample_stride, conv_impl=self.conv_impl,
+                          kernel_init=self.kernel_init)
+
     def block(features, stride, dilation, name):
-      return block_class(features, stride, dilation, self.num_groups, self.dtype,
-                         self.subsample_stride, self.conv_impl, self.kernel_init, name=name)
+      return block_class(features, stride=stride, dilation=dilation, name=name, **layer_settings)
 
     def conv1x1(features, fan_in, name, bias_init=None):
       return nn.Conv(features, (1, 1, 1), dtype=self.dtype, param_dtype=jnp.float32,
@@ -108,9 +113,7 @@ class DualTaskUNet(nn.Module):
     for level, (width, num_blocks) in enumerate(zip(self.widths, self.blocks)):
       strided_block = level > 0 and self.downsample == 'strided_block'
       if level > 0 and self.downsample == 'separate':
-        x = downsampling_class(width, self.num_groups, self.dtype, self.subsample_stride,
-                               self.conv_impl, self.kernel_init,
-                               name=f'encoder{level}_downsample')(x)
+        x = downsampling_class(width, name=f'encoder{level}_downsample', **layer_settings)(x)
       for index in range(num_blocks):
         stride = 2 if strided_block and index == 0 else 1
         x = block(width, stride, 1, f'encoder{level}_block{index}')(x)

@@ -1,8 +1,8 @@
 """Synthetic three-center CT, leave-one-center-out: the default experiment.
 
-`--config=configs/three_center.py` picks the paper preset on an accelerator and the quick preset
-on CPU; `:paper`, `:quick` or `:tiny` force one. The held-out center is
-`--config.data.test_center`.
+`--config=configs/three_center.py` (or `--config=three_center`) picks the paper preset on an
+accelerator and the quick preset on CPU; `:paper`, `:quick` or `:tiny` force one. The held-out
+center is `--config.data.test_center`.
 """
 
 from dualseg_jax import config_base

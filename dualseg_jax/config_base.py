@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
   data.val_fraction = 0.2  # of each training center's cases, for validation
   data.num_folds = 4  # in-domain k-fold for the pancreas protocol
   data.fold = -1  # -1: leave-one-center-out split; k >= 0: in-domain fold k
+  # In-domain folds from a file in nnU-Net's splits_final.json format instead of drawn here (its
+  # fold count must equal data.num_folds); every run writes its folds as <workdir>/splits.json.
+  data.splits_file = ''
   data.synthetic_cases_per_center = 8
   data.synthetic_seed = 0
   data.window_hu = (-100.0, 240.0)

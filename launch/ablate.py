@@ -15,8 +15,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (FILE[:preset]).',
-                                lock_config=True)
+from launch import cli
+
+config_flags.DEFINE_config_file('config', None, cli.CONFIG_HELP, lock_config=True)
 _ABLATION = flags.DEFINE_string('ablation', 'paper', 'Name in dualseg_jax/experiments/ablation.py::ABLATIONS.')
 _WORKDIR = flags.DEFINE_string('workdir', '', 'Experiment folder (default: runs/ablation-<name>-<config>-<preset>).')
 _SEEDS = flags.DEFINE_list('seeds', [], 'Seeds every variant is trained with (default: config.seed).')
@@ -36,7 +37,6 @@ def _config_stem() -> str:
 
 def main(argv):
   del argv
-  from dualseg_jax.errors import ConfigError
   from dualseg_jax.experiments import runs
   from dualseg_jax.experiments import ablation  # deferred so --help answers without importing jax
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
@@ -60,8 +60,6 @@ def main(argv):
         raise app.UsageError(f'--shard={_SHARD.value}: give I/N, e.g. --shard=0/2')
     table = ablation.run_ablation(config, workdir, _ABLATION.value, seeds, _TEST_CENTERS.value,
                                   shard=shard)
-  except ConfigError as error:
-    sys.exit(f'error: {error}')
   except runs.ExperimentInterrupted as error:
     sys.exit(str(error))
   if table is None:
@@ -73,4 +71,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -4,11 +4,12 @@
 
 import json
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file('config', 'configs/three_center.py', 'Experiment config (FILE[:preset]).',
+from launch import cli
+
+config_flags.DEFINE_config_file('config', cli.resolve_config('three_center'), cli.CONFIG_HELP,
                                 lock_config=True)
 flags.DEFINE_enum('what', 'step', ['step', 'train', 'loader', 'targets', 'balance', 'views', 'inference', 'all'],
                   'What to measure: the bare train step, a training run against it (train), the '
@@ -41,4 +42,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

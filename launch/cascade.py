@@ -11,19 +11,18 @@ import logging
 import pathlib
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (FILE[:preset]).',
-                                lock_config=True)
+from launch import cli
+
+config_flags.DEFINE_config_file('config', None, cli.CONFIG_HELP, lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', '', 'Experiment folder (default: runs/cascade-<config>-<preset>).')
 flags.mark_flags_as_required(['config'])
 
 
 def main(argv):
   del argv
-  from dualseg_jax.errors import ConfigError, DataError
   from dualseg_jax.experiments import runs
   from dualseg_jax.experiments import cascade  # deferred so --help answers without importing jax
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
@@ -34,8 +33,6 @@ def main(argv):
   try:
     stage_dirs = cascade.train_stages(config, workdir)
     summary = cascade.evaluate(config, workdir, stage_dirs)
-  except (ConfigError, DataError) as error:
-    sys.exit(f'error: {error}')
   except runs.ExperimentInterrupted as error:
     sys.exit(str(error))
   if summary is not None:
@@ -43,4 +40,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -12,8 +12,9 @@ labels must equal an uninterrupted prediction). Crash safety of training itself 
 
 import sys
 
-from absl import app
 from absl import flags
+
+from launch import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for the runs, logs and phantoms.')
 _PARTS = flags.DEFINE_list('parts', ['concurrent', 'disk', 'prediction'],
@@ -26,8 +27,8 @@ def main(argv):
   del argv
   unknown = sorted(set(_PARTS.value) - {'concurrent', 'disk', 'prediction'})
   if unknown:
-    sys.exit(f'error: --parts={",".join(_PARTS.value)}: {unknown} unknown; choose among '
-             'concurrent, disk, prediction')
+    raise cli.CommandLineError(f'--parts={",".join(_PARTS.value)}: {unknown} unknown; choose '
+                               'among concurrent, disk, prediction')
   from dualseg_jax.train import fault_check  # deferred so --help answers without importing jax
   results = fault_check.check_faults(_WORKDIR.value, data_root=_DATA_ROOT.value or None,
                                      parts=tuple(_PARTS.value))
@@ -38,4 +39,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

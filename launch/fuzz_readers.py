@@ -7,8 +7,9 @@ exception type; exits non-zero when any outcome was unclear (see dualseg_jax/dat
 
 import sys
 
-from absl import app
 from absl import flags
+
+from launch import cli
 
 _CASES = flags.DEFINE_integer('cases', 5000, 'Damaged inputs per format.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the mutations; a case is replayable from it.')
@@ -26,4 +27,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -6,8 +6,9 @@ Prints each kill's moment and the number survived; exits non-zero on any mismatc
 
 import sys
 
-from absl import app
 from absl import flags
+
+from launch import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for both runs, their logs and the phantoms.')
 _KILLS = flags.DEFINE_integer('kills', 8, 'SIGKILLs delivered to the run.')
@@ -31,4 +32,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

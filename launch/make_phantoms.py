@@ -8,13 +8,10 @@ quick preset's 3 x 3 x 3 mm and the paper preset's 2.5 x 1.5 x 1.5 mm).
 Layout per center: DIR/<center>/imagesTr, labelsTr, dataset.json (MSD Task07 style).
 """
 
-import sys
-
-from absl import app
 from absl import flags
 
 from dualseg_jax.data import phantoms
-from dualseg_jax.errors import ConfigError, DataError
+from launch import cli
 
 _OUT = flags.DEFINE_string('out', None, 'Folder to write the centers into.')
 _CASES_PER_CENTER = flags.DEFINE_integer('cases_per_center', 8, 'Cases generated per center.')
@@ -38,15 +35,13 @@ def main(argv):
   try:
     spacings = [tuple(float(s) for s in text.split(',')) for text in _MEASURE_SPACING_MM.value]
   except ValueError:
-    sys.exit(f'error: --measure_spacing_mm {_MEASURE_SPACING_MM.value}: use z,y,x in mm')
-  try:
-    if not _OVERWRITE.value:
-      phantoms.refuse_finished_set(_OUT.value)
-    summary = phantoms.write_dataset(_OUT.value, _CASES_PER_CENTER.value, _SEED.value,
-                                     _CENTERS.value, preview_path=_PREVIEW.value,
-                                     measure_spacings_mm=spacings if _MEASURE.value else ())
-  except (DataError, ConfigError) as error:
-    sys.exit(f'error: {error}')
+    raise cli.CommandLineError(f'--measure_spacing_mm={_MEASURE_SPACING_MM.value}: use z,y,x in '
+                               'mm, e.g. --measure_spacing_mm=3,3,3')
+  if not _OVERWRITE.value:
+    phantoms.refuse_finished_set(_OUT.value)
+  summary = phantoms.write_dataset(_OUT.value, _CASES_PER_CENTER.value, _SEED.value,
+                                   _CENTERS.value, preview_path=_PREVIEW.value,
+                                   measure_spacings_mm=spacings if _MEASURE.value else ())
   print(f'{"center":9} {"cases":>5} {"tumour":>6} {"spacing z,y,x mm":>17} {"noise HU":>8} '
         f'{"pancreas HU":>11} {"tumour HU":>9} {"contrast HU":>11} {"edge mm":>7} {"s/case":>6}')
   for center, row in summary.items():
@@ -64,4 +59,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

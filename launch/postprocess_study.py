@@ -8,10 +8,10 @@ and RUN/postprocess_study.md.
 """
 
 import pathlib
-import sys
 
-from absl import app
 from absl import flags
+
+from launch import cli
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Training run directory (config.json, checkpoints/).')
 _SPLIT = flags.DEFINE_list('split', ['val'], 'val, or val,test to also report the held-out center.')
@@ -27,18 +27,14 @@ flags.mark_flags_as_required(['workdir'])
 def main(argv):
   del argv
   import logging
-  from dualseg_jax.errors import ConfigError, DataError  # deferred: --help answers without jax
-  from dualseg_jax.experiments import postprocess_study
+  from dualseg_jax.experiments import postprocess_study  # deferred: --help answers without jax
   from dualseg_jax.inference import postprocess
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
-  try:
-    report = postprocess_study.run_study(_WORKDIR.value, splits=_SPLIT.value,
-                                rules=_RULES.value or postprocess.COMPONENT_RULES,
-                                tta_flips=_TTA.value, checkpoint=_CHECKPOINT.value)
-  except (DataError, ConfigError) as error:
-    sys.exit(f'error: {error}')
+  report = postprocess_study.run_study(_WORKDIR.value, splits=_SPLIT.value,
+                                       rules=_RULES.value or postprocess.COMPONENT_RULES,
+                                       tta_flips=_TTA.value, checkpoint=_CHECKPOINT.value)
   print(pathlib.Path(report['workdir'], postprocess_study.MARKDOWN_NAME).read_text(), flush=True)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

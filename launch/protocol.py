@@ -16,8 +16,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-config_flags.DEFINE_config_file('config', None, 'Experiment config file (FILE[:preset]).',
-                                lock_config=True)
+from launch import cli
+
+config_flags.DEFINE_config_file('config', None, cli.CONFIG_HELP, lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', '', 'Experiment folder (default: runs/protocol-<config>-<preset>).')
 _FOLDS = flags.DEFINE_list('folds', None, 'In-domain folds to run (default: all data.num_folds; '
                            '"none" for none).')
@@ -37,7 +38,6 @@ def _train_command() -> tuple[str, str]:
 
 def main(argv):
   del argv
-  from dualseg_jax.errors import ConfigError
   from dualseg_jax.experiments import runs
   from dualseg_jax.experiments import protocol  # deferred so --help answers without importing jax
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
@@ -56,8 +56,6 @@ def main(argv):
       return
     workdir = pathlib.Path(_WORKDIR.value or pathlib.Path('runs') / f'protocol-{stem}-{config.preset}')
     protocol.run_protocol(config, workdir, folds, _LEAVE_ONE_OUT.value, base_command=command)
-  except ConfigError as error:
-    sys.exit(f'error: {error}')
   except runs.ExperimentInterrupted as error:
     sys.exit(str(error))
   print((workdir / 'protocol.md').read_text(), flush=True)
@@ -65,4 +63,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

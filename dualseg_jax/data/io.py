@@ -25,6 +25,10 @@ from dualseg_jax.errors import ConfigError, DataError
 
 NIFTI_SUFFIXES = ('.nii', '.nii.gz')
 NRRD_SUFFIXES = ('.nrrd', '.nhdr')
+METAIMAGE_SUFFIXES = ('.mha', '.mhd')  # read through SimpleITK, an optional dependency
+VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES + METAIMAGE_SUFFIXES
+# nnU-Net names the first (here, only) input channel of case X `X_0000`.
+CHANNEL_SUFFIX = '_0000'
 LABEL_VALUES = (0, 1, 2)  # background, pancreas, tumour
 MAX_SPACING_MM = 50.0
 # Below this a voxel axis is degenerate (a zero column in the affine), not merely fine.
@@ -59,6 +63,29 @@ def _suffix(path: pathlib.Path) -> str:
   return '.nii.gz' if name.endswith('.nii.gz') else path.suffix.lower()
 
 
+def volume_suffix(path: str | os.PathLike) -> str:
+  """The volume suffix of a file name as it is written (`.nii.gz`, `.NRRD`); '' for others."""
+  name = pathlib.PurePath(path).name
+  for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
+    if name.lower().endswith(suffix):
+      return name[len(name) - len(suffix):]
+  return ''
+
+
+def case_id_from_path(path: str | os.PathLike) -> str:
+  """The case a volume file holds: its name without the volume suffix and without nnU-Net's
+  channel suffix, so `X.nii.gz`, `X_0000.nii.gz` and `X.mha` are all case `X`. Other names (a
+  DICOM series folder) are returned as they are."""
+  name = pathlib.PurePath(path).name
+  suffix = volume_suffix(name)
+  if not suffix:
+    return name
+  stem = name[:-len(suffix)]
+  if stem.endswith(CHANNEL_SUFFIX) and stem != CHANNEL_SUFFIX:
+    return stem[:-len(CHANNEL_SUFFIX)]
+  return stem
+
+
 def read_volume(path: str | os.PathLike) -> volume_lib.Volume:
   """Reads a NIfTI file, an NRRD file or a DICOM series folder into a canonical Volume.
 
@@ -77,10 +104,15 @@ def read_volume(path: str | os.PathLike) -> volume_lib.Volume:
   elif _suffix(path) in NRRD_SUFFIXES:
     array, affine = _read_nrrd(path)
     source = str(path)
+  elif _suffix(path) in METAIMAGE_SUFFIXES:
+    array, affine = _read_metaimage(path)
+    source = str(path)
   else:
     raise DataError(
         f'{path}: unsupported file type; give a NIfTI file ({", ".join(NIFTI_SUFFIXES)}), an '
-        f'NRRD file ({", ".join(NRRD_SUFFIXES)}) or a folder holding one DICOM series')
+        f'NRRD file ({", ".join(NRRD_SUFFIXES)}), a MetaImage file '
+        f'({", ".join(METAIMAGE_SUFFIXES)}, with SimpleITK installed) or a folder holding one '
+        'DICOM series')
   array = _as_single_3d_volume(array, source)
   _check_affine(affine, source)
   _check_finite(array, source)
@@ -281,6 +313,33 @@ def _check_nrrd_data_file(path: pathlib.Path, header: dict) -> None:
     raise DataError(
         f"{path} is corrupt: its header skips {line_skip} lines of {data_path}, which holds "
         f'only {data_path.stat().st_size} bytes: {_REEXPORT}')
+
+
+def _read_metaimage(path: pathlib.Path) -> tuple[np.ndarray, np.ndarray]:
+  """A MetaImage (.mha, .mhd) through SimpleITK. It is optional: NIfTI and NRRD keep their own
+  readers, whose refusals (truncated files, impossible headers) a second reader must not undo."""
+  try:
+    import SimpleITK as sitk  # deferred and optional: only MetaImage inputs need it
+  except ImportError as error:
+    raise DataError(
+        f'{path}: MetaImage files ({", ".join(METAIMAGE_SUFFIXES)}) are read through SimpleITK, '
+        'which is not installed: pip install SimpleITK, or convert the file to NIfTI') from error
+  try:
+    image = sitk.ReadImage(str(path))
+    data = sitk.GetArrayFromImage(image)
+  except (RuntimeError, *_CORRUPT_FILE_ERRORS) as error:
+    raise _corrupt(path, error) from error
+  if image.GetDimension() != 3:
+    raise DataError(
+        f'{path} has {image.GetDimension()} dimensions (size {image.GetSize()}); a 3D volume is '
+        'needed')
+  # SimpleITK's array runs (z, y, x[, component]); the affine indexes (x, y, z) in LPS.
+  data = np.transpose(data, (2, 1, 0) + tuple(range(3, data.ndim)))
+  affine = np.eye(4)
+  affine[:3, :3] = (np.asarray(image.GetDirection(), np.float64).reshape(3, 3)
+                    * np.asarray(image.GetSpacing(), np.float64))
+  affine[:3, 3] = image.GetOrigin()
+  return np.ascontiguousarray(_apply_scaling(data, 1.0, 0.0)), _LPS_TO_RAS @ affine
 
 
 # --- DICOM -------------------------------------------------------------------------------------

@@ -41,11 +41,22 @@ class PreparedData:
 
 
 def resolve_data_root(config: ml_collections.ConfigDict) -> None:
-  """Synthetic runs without a root use ./data/synthetic/<generator version, seed, size>, written
-  as an absolute path so that the run's config.json still finds the data from another directory."""
+  """Settles what the data decides before the run's config.json is written. Synthetic runs
+  without a root use ./data/synthetic/<generator version, seed, size>, and data.splits_file is
+  made absolute, so that config.json still finds them from another directory. An empty
+  data.label_map becomes the numbering the centers' dataset.json `labels` give, when they
+  renumber pancreas and tumour (registry.dataset_label_map)."""
   if config.data.source == 'synthetic' and not config.data.root:
     from dualseg_jax.data import phantoms  # deferred: only synthetic runs generate data
     config.data.root = str(phantoms.default_root(config.data).absolute())
+  if config.data.get('splits_file'):
+    config.data.splits_file = str(pathlib.Path(config.data.splits_file).absolute())
+  if not config.data.label_map:
+    label_map, sources = registry.dataset_label_map(config.data)
+    if label_map:
+      log.info('data.label_map=%r, the label numbering of %s', label_map,
+               ', '.join(str(path) for path in sources))
+      config.data.label_map = label_map
 
 
 def data_identity(config: ml_collections.ConfigDict, split: registry.Split) -> dict:
@@ -123,6 +134,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepare
   split = registry.split_cases(config.data, cases_by_center, seed=config.seed)
   log.info('%s', split.summary())
   check_data_identity(config, split, workdir)
+  if jax.process_index() == 0:
+    files.write_json(pathlib.Path(workdir) / registry.SPLITS_FILE,
+                     registry.nnunet_splits(config.data, cases_by_center, split, config.seed))
   # Preprocessing reads every case once, reports every unreadable or inconsistent one in a
   # single error (or skips and lists them with data.skip_bad_cases), and never reads the test center.
   if jax.process_count() > 1 and jax.process_index() != 0:

@@ -17,10 +17,9 @@ from dualseg_jax.errors import ConfigError, DataError
 
 SOURCES = ('synthetic', 'msd', 'folders')
 MANIFEST_COLUMNS = ('center', 'case_id', 'image', 'label')
+# A run's folds in nnU-Net's splits_final.json format, written into its workdir.
+SPLITS_FILE = 'splits.json'
 _MANIFEST_SUFFIXES = ('.csv', '.json')
-_IMAGE_SUFFIXES = io.NIFTI_SUFFIXES + io.NRRD_SUFFIXES
-# nnU-Net names the first (here, only) input channel of case X `X_0000`.
-_CHANNEL_SUFFIX = '_0000'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,28 +51,19 @@ class Split:
 # --- Discovery ---------------------------------------------------------------------------------
 
 def _strip_suffix(name: str) -> str:
-  lowered = name.lower()
-  for suffix in _IMAGE_SUFFIXES:
-    if lowered.endswith(suffix):
-      return name[:-len(suffix)]
-  return name
+  return name[:len(name) - len(io.volume_suffix(name))]
 
 
 def _is_volume_file(path: pathlib.Path) -> bool:
   # macOS leaves `._name` shadow files beside every file of the MSD archives.
   return (path.is_file() and not path.name.startswith('.')
-          and any(path.name.lower().endswith(s) for s in _IMAGE_SUFFIXES))
+          and any(path.name.lower().endswith(s) for s in io.VOLUME_SUFFIXES))
 
 
 def _with_channel_suffix(path: pathlib.Path) -> pathlib.Path:
   """pancreas_001.nii.gz -> pancreas_001_0000.nii.gz (the nnU-Net name of the same image)."""
   stem = _strip_suffix(path.name)
-  return path.with_name(stem + _CHANNEL_SUFFIX + path.name[len(stem):])
-
-
-def _case_id_of(image: pathlib.Path) -> str:
-  stem = _strip_suffix(image.name)
-  return stem[:-len(_CHANNEL_SUFFIX)] if stem.endswith(_CHANNEL_SUFFIX) else stem
+  return path.with_name(stem + io.CHANNEL_SUFFIX + path.name[len(stem):])
 
 
 def discover_center(root: str | os.PathLike, center: str | None = None) -> list[Case]:
@@ -107,7 +97,7 @@ def discover_center(root: str | os.PathLike, center: str | None = None) -> list[
     labels = {_strip_suffix(p.name): p for p in labels_folder.iterdir() if _is_volume_file(p)}
   cases = []
   for image in sorted(p for p in images_folder.iterdir() if _is_volume_file(p)):
-    case_id = _case_id_of(image)
+    case_id = io.case_id_from_path(image)
     label = labels.get(case_id)
     cases.append(Case(center, case_id, str(image), str(label) if label else None))
   if not cases:
@@ -131,7 +121,8 @@ def _cases_from_dataset_json(path: pathlib.Path, center: str) -> list[Case] | No
     if not image.exists() and _with_channel_suffix(image).exists():
       image = _with_channel_suffix(image)
     label = (path.parent / entry['label']).resolve() if entry.get('label') else None
-    cases.append(Case(center, _case_id_of(image), str(image), str(label) if label else None))
+    cases.append(Case(center, io.case_id_from_path(image), str(image),
+                      str(label) if label else None))
   return cases
 
 
@@ -172,7 +163,7 @@ def read_manifest(path: str | os.PathLike, default_center: str | None = None) ->
     image_path = (path.parent / image).resolve()
     label = str(row.get('label', '')).strip()
     label_path = str((path.parent / label).resolve()) if label else None
-    case_id = str(row.get('case_id', '')).strip() or _case_id_of(image_path)
+    case_id = str(row.get('case_id', '')).strip() or io.case_id_from_path(image_path)
     cases.append(Case(center, case_id, str(image_path), label_path))
   duplicates = _duplicates([(c.center, c.case_id) for c in cases])
   if duplicates:
@@ -247,6 +238,112 @@ def list_cases(data_config) -> dict[str, list[Case]]:
   return cases
 
 
+# --- Label numbering from dataset.json ----------------------------------------------------------
+
+# Label names (lower case) meaning the tumour; others holding 'pancrea' mean the pancreas.
+_TUMOUR_NAMES = ('cancer', 'tumour', 'tumor', 'lesion')
+
+
+def _label_value(value) -> int:
+  if isinstance(value, str) and value.strip().isdigit():
+    return int(value)
+  if isinstance(value, bool) or not isinstance(value, int):
+    raise ValueError(f'{value!r} is not a label value')
+  return value
+
+
+def _names_tumour(name: str) -> bool:
+  return any(word in name for word in _TUMOUR_NAMES)
+
+
+def label_map_from_dataset_json(path: str | os.PathLike) -> str | None:
+  """data.label_map for the labels a dataset.json names, MSD's {"1": "pancreas", "2": "cancer"}
+  or nnU-Net's {"pancreas": 1, "cancer": 2}: '' when they are numbered 0/1/2 already, None when
+  the file names no labels or none that is the pancreas or a tumour (the labels are then taken
+  as they are, as before dataset.json was read).
+
+  Other structures become background. In an nnU-Net region such as {"pancreas": [1, 2],
+  "cancer": 2} the values a tumour label claims stay tumour.
+  """
+  path = pathlib.Path(path)
+  try:
+    description = json.loads(path.read_text())
+  except (OSError, ValueError) as error:
+    raise DataError(f'{path} cannot be read as JSON ({error}): fix or remove it') from error
+  labels = description.get('labels') if isinstance(description, dict) else None
+  if not labels:
+    return None
+  try:
+    named = []  # (lower-case name, label values)
+    for key, value in dict(labels).items():
+      if isinstance(value, str):  # MSD: value -> name
+        named.append((value.lower(), [_label_value(key)]))
+      else:  # nnU-Net: name -> value, or a region's list of values
+        values = value if isinstance(value, (list, tuple)) else [value]
+        named.append((str(key).lower(), [_label_value(v) for v in values]))
+  except (TypeError, ValueError) as error:
+    raise DataError(f"{path}: 'labels' {labels!r} cannot be read ({error}); write them as "
+                    '{"background": 0, "pancreas": 1, "cancer": 2}') from error
+  tumour = {v for name, values in named if _names_tumour(name) for v in values} - {0}
+  pancreas = {v for name, values in named
+              if 'pancrea' in name and not _names_tumour(name) for v in values} - tumour - {0}
+  if not tumour and not pancreas:
+    return None
+  mapping = {**{value: 1 for value in pancreas}, **{value: 2 for value in tumour}}
+  listed = {value for _, values in named for value in values} - {0}
+  if all(mapping.get(value) == value for value in listed):
+    return ''
+  return ','.join(f'{source}:{target}' for source, target in sorted(mapping.items()))
+
+
+def _center_folders(data_config) -> dict[str, pathlib.Path | None]:
+  """The folder each center of data.centers is read from; None for a center read from a
+  manifest (list_cases decides the same way)."""
+  centers = tuple(data_config.centers)
+  center_roots = dict(data_config.center_roots.items()) if data_config.center_roots else {}
+  root = str(data_config.root or '')
+  locations = {c: center_roots.get(c) for c in centers}
+  if data_config.source == 'synthetic' and root:
+    locations = {c: center_roots.get(c) or pathlib.Path(root) / c for c in centers}
+  elif data_config.source == 'msd' and root and centers:
+    locations[centers[0]] = root
+  folders = {}
+  for center, location in locations.items():
+    folder = pathlib.Path(location) if location else None
+    read_as_folder = folder is not None and folder.is_dir() and not any(
+        (folder / name).is_file() for name in ('manifest.csv', 'manifest.json'))
+    folders[center] = folder if read_as_folder else None
+  return folders
+
+
+def dataset_label_map(data_config) -> tuple[str, list[pathlib.Path]]:
+  """data.label_map as the centers' dataset.json files number their labels, and the files read.
+
+  '' when every file numbers them 0/1/2 already (or none names labels). One data.label_map serves
+  every center, so a renumbering is used only when every center's dataset.json asks for that same
+  one; otherwise a ConfigError lists what each center asks for.
+  """
+  asked, sources = {}, []  # center -> its map; None: not described, 0/1/2 unless others renumber
+  for center, folder in _center_folders(data_config).items():
+    path = folder / 'dataset.json' if folder is not None else None
+    asked[center] = label_map_from_dataset_json(path) if path and path.is_file() else None
+    if asked[center] is not None:
+      sources.append(path)
+  renumbered = {map_ for map_ in asked.values() if map_}
+  if not renumbered:
+    return '', sources
+  if len(renumbered) > 1 or None in asked.values() or '' in asked.values():
+    described = ', '.join(
+        f'{center}: ' + (repr(map_) if map_ else ('0/1/2 as they are' if map_ == '' else
+                                                   'no dataset.json labels naming the pancreas'))
+        for center, map_ in asked.items())
+    raise ConfigError(
+        f'the centers number their labels differently ({described}; read from '
+        f'{", ".join(str(path) for path in sources)}); data.label_map is one map for every '
+        'center: renumber the labels of some centers, or set data.label_map explicitly')
+  return renumbered.pop(), sources
+
+
 # --- Splits ------------------------------------------------------------------------------------
 
 def _center_rng(seed: int, center: str, purpose: str) -> np.random.Generator:
@@ -282,6 +379,8 @@ def split_cases(data_config, cases_by_center: dict[str, list[Case]], seed: int =
   centers in data.centers, data.val_fraction of each center for validation (at least one case
   per center of two or more). k-fold: the cases of all data.centers are dealt into data.num_folds
   folds per center; fold data.fold is the test set and val is taken from the rest in the same way.
+  With data.splits_file (nnU-Net's splits_final.json) the folds are the file's: fold data.fold's
+  "val" cases are the test set (nnU-Net's held-out fold), its "train" cases give train and val.
   """
   centers = tuple(data_config.centers)
   missing = [c for c in centers if c not in cases_by_center]
@@ -291,6 +390,11 @@ def split_cases(data_config, cases_by_center: dict[str, list[Case]], seed: int =
   if not 0.0 <= val_fraction < 1.0:
     raise ConfigError(f'data.val_fraction is {val_fraction}; it must lie in [0, 1)')
   fold, num_folds = int(data_config.fold), int(data_config.num_folds)
+  splits_file = str(data_config.get('splits_file') or '')
+  if splits_file and fold == -1:
+    raise ConfigError(
+        f'data.splits_file={splits_file!r} gives in-domain folds, but data.fold is -1 '
+        '(leave-one-center-out): set data.fold to the fold of the file to train')
   if fold == -1:
     test_center = data_config.test_center
     if test_center not in centers:
@@ -313,14 +417,19 @@ def split_cases(data_config, cases_by_center: dict[str, list[Case]], seed: int =
       raise ConfigError(
           f'data.fold is {fold}; choose -1 (leave-one-center-out) or 0..{num_folds - 1} '
           f'(data.num_folds={num_folds})')
-    folds = fold_assignment({c: cases_by_center[c] for c in centers}, num_folds, seed)
-    test = [case for case, k in folds if k == fold]
+    if splits_file:
+      trained, test = _fold_of_splits_file(
+          splits_file, fold, num_folds, {c: cases_by_center[c] for c in centers})
+      description = f'fold {fold} of {splits_file} (data.splits_file)'
+    else:
+      folds = fold_assignment({c: cases_by_center[c] for c in centers}, num_folds, seed)
+      test = [case for case, k in folds if k == fold]
+      trained = [case for case, k in folds if k != fold]
+      description = f'fold {fold} of {num_folds} (data.fold)'
     rest = {}
-    for case, k in folds:
-      if k != fold:
-        rest.setdefault(case.center, []).append(case)
+    for case in trained:
+      rest.setdefault(case.center, []).append(case)
     train, val = _split_off_validation(rest, val_fraction, seed)
-    description = f'fold {fold} of {num_folds} (data.fold)'
   _check_overlap(train, val, test)
   empty = [name for name, cases in (('train', train), ('test', test)) if not cases]
   if val_fraction > 0 and not val:
@@ -347,6 +456,90 @@ def fold_assignment(cases_by_center: dict[str, list[Case]], num_folds: int,
       assignment.append((case, position % num_folds))
       position += 1
   return assignment
+
+
+def _case_names(cases_by_center: dict[str, list[Case]]) -> dict[Case, str]:
+  """The name of each case in split files: its case id (nnU-Net's identifier), or
+  center/case_id where several centers hold the same case id."""
+  counts = {}
+  for cases in cases_by_center.values():
+    for case in cases:
+      counts[case.case_id] = counts.get(case.case_id, 0) + 1
+  return {case: case.case_id if counts[case.case_id] == 1 else f'{case.center}/{case.case_id}'
+          for cases in cases_by_center.values() for case in cases}
+
+
+def read_splits_file(path: str | os.PathLike) -> list[dict[str, list[str]]]:
+  """The folds of a file in nnU-Net's splits_final.json format: a list holding, per fold,
+  {"train": [case, ...], "val": [case, ...]}."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise DataError(f'data.splits_file {path} does not exist: check the path')
+  try:
+    folds = json.loads(path.read_text())
+  except (OSError, ValueError) as error:
+    raise DataError(f'data.splits_file {path} cannot be read as JSON ({error}): fix the file'
+                    ) from error
+  well_formed = isinstance(folds, list) and folds and all(
+      isinstance(fold, dict) and all(
+          isinstance(fold.get(part), list) and all(isinstance(name, str) for name in fold[part])
+          for part in ('train', 'val'))
+      for fold in folds)
+  if not well_formed:
+    raise DataError(
+        f'data.splits_file {path} is not a list of folds {{"train": [case, ...], "val": '
+        '[case, ...]} (the format of nnU-Net\'s splits_final.json): fix the file')
+  return [{'train': list(fold['train']), 'val': list(fold['val'])} for fold in folds]
+
+
+def _fold_of_splits_file(path: str, fold: int, num_folds: int,
+                         cases_by_center: dict[str, list[Case]]) -> tuple[list[Case], list[Case]]:
+  """(cases trained on, held-out cases) of fold `fold` of a splits file. Cases are named by case
+  id or center/case_id; cases the fold does not name take no part in the run."""
+  folds = read_splits_file(path)
+  if len(folds) != num_folds:
+    raise ConfigError(
+        f'data.splits_file {path} holds {len(folds)} folds but data.num_folds is {num_folds}: '
+        f'set --config.data.num_folds={len(folds)}')
+  lookup = {}
+  for case, name in _case_names(cases_by_center).items():
+    lookup[name] = lookup[f'{case.center}/{case.case_id}'] = case
+  unknown = sorted({name for entry in folds for part in ('train', 'val') for name in entry[part]
+                    if name not in lookup})
+  if unknown:
+    raise DataError(
+        f'data.splits_file {path} names {len(unknown)} case(s) that data.centers '
+        f'{tuple(cases_by_center)} do not hold: {unknown[:10]}'
+        + (f' and {len(unknown) - 10} more' if len(unknown) > 10 else '')
+        + f' (known cases are named like {sorted(lookup)[:3]}): fix the file, or list the '
+        'centers that hold them in data.centers')
+  trained = list(dict.fromkeys(lookup[name] for name in folds[fold]['train']))
+  held_out = list(dict.fromkeys(lookup[name] for name in folds[fold]['val']))
+  both = sorted(case.case_id for case in set(trained) & set(held_out))
+  if both:
+    raise DataError(f'data.splits_file {path}: fold {fold} lists {both[:10]} in both "train" and '
+                    '"val": fix the file')
+  return trained, sorted(held_out, key=lambda case: (case.center, case.case_id))
+
+
+def nnunet_splits(data_config, cases_by_center: dict[str, list[Case]], split: Split,
+                  seed: int) -> list[dict[str, list[str]]]:
+  """The run's folds in nnU-Net's splits_final.json format (SPLITS_FILE): per fold, "train" the
+  cases trained on (train and val here) and "val" the held-out ones (test here). A k-fold run
+  lists all its folds (those of data.splits_file as read), leave-one-center-out its one split;
+  `split` is the run's split_cases(data_config, cases_by_center, seed)."""
+  if int(data_config.fold) >= 0 and data_config.get('splits_file'):
+    return read_splits_file(data_config.splits_file)
+  chosen = {c: cases_by_center[c] for c in data_config.centers}
+  names = _case_names(chosen)
+  if int(data_config.fold) == -1:
+    return [{'train': sorted(names[case] for case in split.train + split.val),
+             'val': sorted(names[case] for case in split.test)}]
+  num_folds = int(data_config.num_folds)
+  folds = fold_assignment(chosen, num_folds, seed)
+  return [{'train': sorted(names[case] for case, k in folds if k != fold),
+           'val': sorted(names[case] for case, k in folds if k == fold)}
+          for fold in range(num_folds)]
 
 
 def _check_overlap(train: list[Case], val: list[Case], test: list[Case]) -> None:

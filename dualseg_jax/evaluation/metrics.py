@@ -1,6 +1,7 @@
 """Spacing-aware segmentation metrics per case and structure: overlap (Dice, IoU, precision,
 recall), volume difference, and surface distances (HD95, ASSD, normalised surface Dice).
 
+Structures: 'pancreas' is labels 1+2 (the gland including its tumour), 'tumour' is label 2.
 Surface: the mask voxels with at least one face neighbour (6-connectivity) outside the mask; the
 image border counts as outside. Distances are between voxel centres in mm, from each surface voxel
 of one mask to the nearest surface voxel of the other (a Euclidean distance transform with the
@@ -10,11 +11,18 @@ voxel spacing), giving the directed sets d(P->G) and d(G->P).
   MONAI.
 - ASSD = (sum d(P->G) + sum d(G->P)) / (|surface P| + |surface G|).
 - NSD at tolerance t = (#{d(P->G) <= t} + #{d(G->P) <= t}) / (|surface P| + |surface G|).
-Empty masks (Metrics Reloaded / surface-distance conventions):
-- both empty: Dice = IoU = precision = recall = NSD = 1, HD95 = ASSD = 0, volume differences 0.
-- one empty: Dice = IoU = NSD = 0; precision (empty prediction) or recall (empty reference) 0;
-  HD95 = ASSD = inf. Summaries leave infinite and NaN values out of mean/std/median and count
-  them (`n_excluded`); per-case tables keep `inf`.
+Empty masks: each case and structure has one OUTCOMES entry, and
+- 'missed' (the reference has the structure, the prediction is empty) and 'false positive' (the
+  prediction has it, the reference is empty): Dice = IoU = NSD = 0, precision or recall 0, and
+  HD95 = ASSD = a penalty, the image diagonal sqrt(sum((voxels * spacing_mm)^2)) (BraTS penalises
+  a missed or spurious region likewise, with the 374 mm diagonal of its 240 x 240 x 155 mm
+  field): no distance on the grid is larger, so a miss counts as the worst score in every mean
+  instead of being left out of it.
+- 'absent' (both empty): there is nothing to overlap or measure, so Dice, IoU, precision, recall,
+  NSD, HD95, ASSD and the relative volume difference are NaN (volume differences in ml are 0).
+  Summaries leave NaN (and the infinite relative volume difference of a false positive) out of
+  mean/std/median and count them in `n_excluded`: a tumour-free case neither rewards nor punishes
+  the tumour scores.
 """
 
 from __future__ import annotations
@@ -29,9 +37,29 @@ STRUCTURES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     'pancreas': lambda label: label >= 1,  # pancreas including tumour
     'tumour': lambda label: label == 2,
 }
+STRUCTURE_LABELS = {'pancreas': 'labels 1+2', 'tumour': 'label 2'}
+# Whether the reference and the prediction hold the structure -> the case's outcome.
+OUTCOMES = {(True, True): 'found', (True, False): 'missed', (False, True): 'false positive',
+            (False, False): 'absent'}
+PENALISED_OUTCOMES = ('missed', 'false positive')
 METRIC_NAMES = ('dice', 'iou', 'precision', 'recall', 'volume_pred_ml', 'volume_gt_ml',
                 'volume_difference_ml', 'volume_difference_relative', 'hd95_mm', 'assd_mm', 'nsd')
 _FACE_CONNECTIVITY = ndimage.generate_binary_structure(3, 1)
+
+
+def display_name(structure: str) -> str:
+  """'pancreas' -> 'pancreas (labels 1+2)': the name with the label values it covers."""
+  return f'{structure} ({STRUCTURE_LABELS[structure]})'
+
+
+def outcome(metrics: dict[str, float]) -> str:
+  """The OUTCOMES entry of one structure's metrics (from its reference and predicted volumes)."""
+  return OUTCOMES[metrics['volume_gt_ml'] > 0, metrics['volume_pred_ml'] > 0]
+
+
+def image_diagonal_mm(shape: Sequence[int], spacing_mm: Sequence[float]) -> float:
+  """Length of the field of view's diagonal: the surface-distance penalty of a missed structure."""
+  return float(np.sqrt(np.sum((np.asarray(shape, np.float64) * np.asarray(spacing_mm)) ** 2)))
 
 
 def surface_voxels(mask: np.ndarray) -> np.ndarray:
@@ -76,8 +104,8 @@ def binary_metrics(prediction: np.ndarray, reference: np.ndarray, spacing_mm: Se
       'volume_difference_ml': (predicted_voxels - reference_voxels) * voxel_ml,
   }
   if predicted_voxels == 0 and reference_voxels == 0:
-    metrics.update(dice=1.0, iou=1.0, precision=1.0, recall=1.0, volume_difference_relative=0.0,
-                   hd95_mm=0.0, assd_mm=0.0, nsd=1.0)
+    metrics.update(dice=np.nan, iou=np.nan, precision=np.nan, recall=np.nan,
+                   volume_difference_relative=np.nan, hd95_mm=np.nan, assd_mm=np.nan, nsd=np.nan)
     return _in_order(metrics)
   metrics['dice'] = 2.0 * overlap / (predicted_voxels + reference_voxels)
   metrics['iou'] = overlap / union
@@ -86,7 +114,8 @@ def binary_metrics(prediction: np.ndarray, reference: np.ndarray, spacing_mm: Se
   metrics['volume_difference_relative'] = (
       (predicted_voxels - reference_voxels) / reference_voxels if reference_voxels else np.inf)
   if predicted_voxels == 0 or reference_voxels == 0:
-    metrics.update(hd95_mm=np.inf, assd_mm=np.inf, nsd=0.0)
+    penalty_mm = image_diagonal_mm(prediction.shape, spacing_mm)
+    metrics.update(hd95_mm=penalty_mm, assd_mm=penalty_mm, nsd=0.0)
     return _in_order(metrics)
   to_reference, to_prediction = directed_surface_distances(prediction, reference, spacing_mm)
   num_surface = to_reference.size + to_prediction.size
@@ -106,7 +135,7 @@ def _in_order(metrics: dict) -> dict[str, float]:
 def case_metrics(prediction_label: np.ndarray, reference_label: np.ndarray,
                  spacing_mm: Sequence[float], nsd_tolerance_mm: float = 2.0
                  ) -> dict[str, dict[str, float]]:
-  """Metrics per structure ('pancreas': label >= 1, 'tumour': label == 2) for two 0/1/2 maps."""
+  """Metrics per structure ('pancreas': labels 1+2, 'tumour': label 2) for two 0/1/2 maps."""
   return {name: binary_metrics(select(prediction_label), select(reference_label), spacing_mm,
                                nsd_tolerance_mm)
           for name, select in STRUCTURES.items()}

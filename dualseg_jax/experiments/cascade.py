@@ -422,10 +422,9 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
 
 def _link(source: str, folder: pathlib.Path, case_id: str) -> None:
   """folder/<case_id><suffix of source> -> source, so the evaluation matches files by case name."""
-  from dualseg_jax.evaluation import report
+  from dualseg_jax.data import io
   folder.mkdir(parents=True, exist_ok=True)
-  name = pathlib.Path(source).name
-  link = folder / (case_id + name[len(report.case_name(name)):])
+  link = folder / (case_id + io.volume_suffix(source))
   if link.is_symlink() or link.exists():
     link.unlink()
   link.symlink_to(pathlib.Path(source).absolute())

@@ -106,8 +106,10 @@ def protocol_report(workdir: pathlib.Path, specs: list[runs.RunSpec], base_comma
         aggregate[f'{column}_n'] = count
       aggregates.append(aggregate)
   return {'structures': list(STRUCTURES), 'rows': rows, 'aggregates': aggregates,
-          'note': 'per run: mean ± std over the test cases (infinite HD95 of an empty mask is left '
-                  'out and counted in *_n_excluded); aggregates: mean ± std of the run means'}
+          'note': 'per run: mean ± std over the test cases (a missed or false-positive structure '
+                  'scores Dice 0 and HD95 at the image diagonal; a structure absent from both '
+                  'reference and prediction is left out and counted in *_n_excluded); '
+                  'aggregates: mean ± std of the run means'}
 
 
 def write_report(report: dict, workdir: pathlib.Path) -> None:
@@ -120,8 +122,8 @@ def write_report(report: dict, workdir: pathlib.Path) -> None:
     cells = [row['held_out'] if row['kind'] != SUMMARY else f'**{row["run"]}**', row['structure']]
     for _, column, _, scale, _ in METRICS:
       cell = tables.format_cell(row[f'{column}_mean'], row[f'{column}_std'], scale=scale, digits=2)
-      # An empty prediction against a non-empty reference has no finite HD95: say how many cases
-      # the figure leaves out, or a 0 mm from tumour-free cases alone reads as a perfect score.
+      # Cases where the structure is absent from reference and prediction have no value: say how
+      # many the figure leaves out, so a mean over few cases is read as such.
       if row.get(f'{column}_n_excluded'):
         cell += f' [{row[f"{column}_n_excluded"]} of {row[f"{column}_n"] + row[f"{column}_n_excluded"]} cases excluded]'
       cells.append(cell)

@@ -1,14 +1,16 @@
 """A trained network applied to whole CT volumes: preprocessing as in training, sliding-window
 prediction at the training spacing, outputs resampled back to the input's canonical grid and
-post-processed into a 0/1/2 label map. `load_predictor(workdir)` rebuilds one from a run.
+post-processed into a 0/1/2 label map. `load_predictor(path)` rebuilds one from a run or an
+exported model; `load_ensemble(paths)` averages several.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import pathlib
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import ml_collections
@@ -17,8 +19,12 @@ import numpy as np
 from dualseg_jax.data import preprocess as preprocess_lib
 from dualseg_jax.data.volume import Volume
 from dualseg_jax.errors import ConfigError, DataError
+from dualseg_jax.inference import model_dir as model_dir_lib
+from dualseg_jax.inference import overrides as overrides_lib
 from dualseg_jax.inference import postprocess
 from dualseg_jax.inference import sliding_window
+
+log = logging.getLogger(__name__)
 
 ApplyFn = Callable[[Any, jax.Array], dict]  # (variables, windows) -> dict(logits, sdf, ...)
 
@@ -79,6 +85,23 @@ class Predictor:
     sdf float32 (D, H, W, C)). `tta_flips` overrides config.inference.tta_flips.
     `pancreas_mask` (canonical grid) restricts a tumour-only stage's tumour, as in the cascade.
     """
+    outputs = self.predict_probabilities(volume, tta_flips, progress)
+    outputs['label'] = self.label(outputs['probabilities'], volume, pancreas_mask)
+    return outputs
+
+  def label(self, probabilities: np.ndarray, volume: Volume,
+            pancreas_mask: np.ndarray | None = None) -> np.ndarray:
+    """Probabilities on the volume's canonical grid -> uint8 0/1/2 label map (threshold and
+    post-processing of config.inference)."""
+    return postprocess.probabilities_to_label(
+        probabilities, self.config.stage, self.config.inference, pancreas_mask=pancreas_mask,
+        spacing_mm=volume.spacing_mm)
+
+  def predict_probabilities(self, volume: Volume, tta_flips: int | None = None,
+                            progress: sliding_window.ProgressFn | None = None
+                            ) -> dict[str, np.ndarray]:
+    """dict(probabilities, sdf), float32 (D, H, W, C) on the volume's canonical grid, before any
+    threshold."""
     inference_config = self.config.inference
     num_flips = inference_config.tta_flips if tta_flips is None else tta_flips
     image = self.preprocess(volume)
@@ -94,11 +117,86 @@ class Predictor:
     # Same cell-centred grids as the way in, so the two resamplings line up.
     probabilities = preprocess_lib.resample(outputs['probabilities'], original_shape, 'linear')
     sdf = preprocess_lib.resample(outputs['sdf'], original_shape, 'linear')
-    label = postprocess.probabilities_to_label(
-        probabilities, self.config.stage, inference_config, pancreas_mask=pancreas_mask,
-        spacing_mm=volume.spacing_mm)
-    return {'label': label, 'probabilities': probabilities.astype(np.float32),
-            'sdf': sdf.astype(np.float32)}
+    return {'probabilities': probabilities.astype(np.float32), 'sdf': sdf.astype(np.float32)}
+
+
+# What turns averaged probabilities into labels: the first member's values are used.
+_LABEL_SETTINGS = ('threshold', 'postprocess', 'component_fraction', 'min_component_mm3',
+                   'tumour_inside_pancreas', 'pancreas_dilation_vox')
+
+
+def check_averageable(names: Sequence[str], configs: Sequence[ml_collections.ConfigDict]) -> None:
+  """Raises a ConfigError naming the model whose output channels differ from the first's (stage
+  or number of channels); warns where the label settings differ."""
+  first_name, first = names[0], configs[0]
+  for name, config in zip(names[1:], configs[1:]):
+    if config.stage != first.stage:
+      raise ConfigError(f'{name} predicts stage {config.stage!r} but {first_name} predicts '
+                        f'{first.stage!r}: their output channels mean different structures, so '
+                        'their probabilities cannot be averaged; ensemble models of one stage')
+    if config.model.num_classes != first.model.num_classes:
+      raise ConfigError(f'{name} has {config.model.num_classes} output channels but {first_name} '
+                        f'has {first.model.num_classes}: ensemble models with the same channels')
+    different = [key for key in _LABEL_SETTINGS
+                 if config.inference[key] != first.inference[key]]
+    if different:
+      log.warning('%s differs from %s in inference.%s; the ensemble thresholds and '
+                  'post-processes with the values of %s', name, first_name,
+                  ', inference.'.join(different), first_name)
+
+
+class EnsemblePredictor:
+  """Several networks of one stage predicting as one: each predicts the volume its own way (its
+  spacing, patch and flips), the probabilities and SDFs are averaged on the input's canonical
+  grid, and the first member's threshold and post-processing make the label map.
+
+  Members may differ in spacing and patch size, since each one's outputs are resampled to the
+  input's grid before averaging; they must agree on what each output channel means (the stage).
+  """
+
+  def __init__(self, members: Sequence[Predictor], names: Sequence[str] | None = None):
+    if not members:
+      raise ConfigError('an ensemble needs at least one model')
+    names = list(names) if names is not None else [f'model {i}' for i in range(len(members))]
+    check_averageable(names, [member.config for member in members])
+    self.members = list(members)
+    self.names = names
+    self.config = members[0].config
+
+  def predict_probabilities(self, volume: Volume, tta_flips: int | None = None,
+                            progress: sliding_window.ProgressFn | None = None
+                            ) -> dict[str, np.ndarray]:
+    totals = None
+    windows_before = 0
+    for member in self.members:
+      member_windows = [0]
+
+      def member_progress(done, total, offset=windows_before, seen=member_windows):
+        # One bar over all members: the windows of the members before this one count as done.
+        seen[0] = total
+        if progress is not None:
+          progress(offset + done, offset + total)
+
+      outputs = member.predict_probabilities(volume, tta_flips, member_progress)
+      windows_before += member_windows[0]
+      if totals is None:
+        totals = outputs
+      else:
+        for key in totals:
+          totals[key] += outputs[key]
+    return {key: value / np.float32(len(self.members)) for key, value in totals.items()}
+
+  def label(self, probabilities: np.ndarray, volume: Volume,
+            pancreas_mask: np.ndarray | None = None) -> np.ndarray:
+    return self.members[0].label(probabilities, volume, pancreas_mask)
+
+  def predict_volume(self, volume: Volume, tta_flips: int | None = None,
+                     progress: sliding_window.ProgressFn | None = None,
+                     pancreas_mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """As Predictor.predict_volume, with every member's probabilities and SDFs averaged."""
+    outputs = self.predict_probabilities(volume, tta_flips, progress)
+    outputs['label'] = self.label(outputs['probabilities'], volume, pancreas_mask)
+    return outputs
 
 
 def _merge_into(base: ml_collections.ConfigDict, saved: dict) -> None:
@@ -113,12 +211,13 @@ def _merge_into(base: ml_collections.ConfigDict, saved: dict) -> None:
 
 
 def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """The resolved config a run wrote to workdir/config.json, on top of today's defaults."""
+  """The resolved config a run (or an exported model) wrote to workdir/config.json, on top of
+  today's defaults."""
   from dualseg_jax import config_base
   path = pathlib.Path(workdir) / 'config.json'
   if not path.exists():
     raise DataError(f'{path} does not exist: --workdir must be a training run directory '
-                    '(it holds config.json and checkpoints/)')
+                    '(it holds config.json and checkpoints/) or an exported model (launch.export)')
   try:
     saved = json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as error:
@@ -133,15 +232,59 @@ def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
   return config
 
 
-def load_predictor(workdir: str | pathlib.Path, checkpoint: str | None = None) -> Predictor:
-  """A Predictor from a run directory: workdir/config.json plus the parameters of its newest
-  readable checkpoint; `checkpoint` ('best': workdir/best, else workdir/checkpoints; 'latest':
-  workdir/checkpoints) defaults to config.inference.checkpoint.
+def load_model_config(path: str | pathlib.Path, checkpoint: str | None = None,
+                      inference_overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """The config a Predictor of `path` (a run directory or an exported model) predicts with:
+  config.json with `inference_overrides` ('inference.KEY=VALUE' texts) applied and checked;
+  refuses a `checkpoint` choice for an exported model, which holds one set of parameters."""
+  config = load_config(path)
+  overrides = overrides_lib.parse(inference_overrides, config.inference)
+  if overrides:
+    config = overrides_lib.apply(config, overrides)
+  if model_dir_lib.is_model_dir(path) and (checkpoint is not None or 'checkpoint' in overrides):
+    given = '--checkpoint' if checkpoint is not None else 'inference.checkpoint'
+    raise ConfigError(f'{path} is an exported model: it holds the parameters of one checkpoint '
+                      f'({model_dir_lib.read_info(path).get("checkpoint")}); drop {given}, or '
+                      'export the other one')
+  if checkpoint is not None:
+    if checkpoint not in ('best', 'latest'):
+      raise ConfigError(f'checkpoint = {checkpoint!r}: choose best or latest')
+  elif config.inference.checkpoint not in ('best', 'latest'):
+    raise ConfigError(f'inference.checkpoint = {config.inference.checkpoint!r}: choose best or '
+                      'latest')
+  return config
+
+
+def load_predictor(workdir: str | pathlib.Path, checkpoint: str | None = None,
+                   inference_overrides: Sequence[str] = ()) -> Predictor:
+  """A Predictor from a run directory or an exported model (launch.export).
+
+  A run gives workdir/config.json plus the parameters of its newest readable checkpoint;
+  `checkpoint` ('best': workdir/best, else workdir/checkpoints; 'latest': workdir/checkpoints)
+  defaults to config.inference.checkpoint. An exported model gives its config.json and
+  params.msgpack, checked against its sha256. `inference_overrides` as in load_model_config.
   """
+  config = load_model_config(workdir, checkpoint, inference_overrides)
+  if model_dir_lib.is_model_dir(workdir):
+    params, _ = model_dir_lib.load_params(workdir)
+    # On the device once: the jitted apply takes the parameters as an argument at every batch.
+    return Predictor(config, jax.device_put(params))
   from dualseg_jax.train.checkpoint import restore_params  # deferred: pulls in orbax and grain
-  config = load_config(workdir)
-  checkpoint = checkpoint or config.inference.checkpoint
-  if checkpoint not in ('best', 'latest'):
-    raise ConfigError(f'inference.checkpoint = {checkpoint!r}: choose best or latest')
-  params, _ = restore_params(pathlib.Path(workdir), which=checkpoint)
+  params, _ = restore_params(pathlib.Path(workdir),
+                             which=checkpoint or config.inference.checkpoint)
   return Predictor(config, params)
+
+
+def load_ensemble(paths: Sequence[str | pathlib.Path], checkpoint: str | None = None,
+                  inference_overrides: Sequence[str] = ()) -> Predictor | EnsemblePredictor:
+  """One path: its Predictor; several (e.g. one model per fold): an EnsemblePredictor averaging
+  their probabilities. Every config is read and checked before any network is restored."""
+  if not paths:
+    raise ConfigError('no model given: name at least one exported model or run directory')
+  if len(paths) == 1:
+    return load_predictor(paths[0], checkpoint, inference_overrides)
+  names = [str(path) for path in paths]
+  check_averageable(names, [load_model_config(path, checkpoint, inference_overrides)
+                            for path in paths])
+  members = [load_predictor(path, checkpoint, inference_overrides) for path in paths]
+  return EnsemblePredictor(members, names=names)

@@ -1,6 +1,6 @@
-"""Predicting a file, a DICOM series or a folder of volumes with a trained run or a four-stage
-cascade, writing label maps (and optionally probabilities and SDFs) as NIfTI in each input's own
-geometry.
+"""Predicting a file, a DICOM series or a folder of volumes with a trained run, an exported model,
+an ensemble of them or a four-stage cascade, writing label maps (and optionally probabilities and
+SDFs) as NIfTI in each input's own geometry.
 
 Every output is written whole or not at all, and one process at a time predicts into a folder,
 so a prediction that was killed can be finished with `resume`: the cases whose outputs are all
@@ -23,11 +23,12 @@ from dualseg_jax.data import io
 from dualseg_jax.data.volume import Volume
 from dualseg_jax.errors import ConfigError, DataError
 from dualseg_jax.experiments import cascade as cascade_lib
-from dualseg_jax.inference.predictor import Predictor, load_config, load_predictor
+from dualseg_jax.inference.predictor import (Predictor, check_averageable, load_ensemble,
+                                              load_model_config)
 
 log = logging.getLogger(__name__)
 
-VOLUME_SUFFIXES = io.NIFTI_SUFFIXES + io.NRRD_SUFFIXES
+VOLUME_SUFFIXES = io.VOLUME_SUFFIXES
 
 # What the output folder's lock names in the message a second process gets.
 LOCK_PURPOSE = 'predictions'
@@ -53,12 +54,9 @@ class Case:
 
 
 def case_name(path: pathlib.Path) -> str:
-  """File name without its volume suffix (`a.nii.gz` -> `a`); a DICOM folder keeps its name."""
-  name = path.name
-  for suffix in sorted(VOLUME_SUFFIXES, key=len, reverse=True):
-    if name.lower().endswith(suffix):
-      return name[:-len(suffix)]
-  return name
+  """File name without its volume suffix and nnU-Net's channel suffix (`a.nii.gz`,
+  `a_0000.nii.gz` -> `a`, the name of its label); a DICOM folder keeps its name."""
+  return io.case_id_from_path(path)
 
 
 def find_cases(input_path: str | pathlib.Path) -> list[Case]:
@@ -79,7 +77,7 @@ def find_cases(input_path: str | pathlib.Path) -> list[Case]:
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
       raise DataError(f'{input_path} holds several files for the cases {duplicates} (e.g. .nii '
-                      'and .nii.gz): keep one file per case')
+                      'and .nii.gz, or X and X_0000): keep one file per case')
     return cases
   return [Case(input_path.name, input_path)]
 
@@ -218,19 +216,39 @@ def predict_cases(predictor: Predictor, input_path: str | pathlib.Path,
 def predict_with_run(workdir: str | pathlib.Path, input_path: str | pathlib.Path,
                      output_dir: str | pathlib.Path, tta_flips: int | None = None,
                      save_probabilities: bool = False, overwrite: bool = False,
-                     checkpoint: str | None = None, resume: bool = False
-                     ) -> list[dict[str, pathlib.Path]]:
-  """`python -m launch.predict`: load the run's predictor and predict every case under the input
-  (with `resume`, the cases an interrupted call into the same folder left without outputs)."""
-  # Fail on the inputs, outputs and run before making the output folder or restoring the network.
+                     checkpoint: str | None = None, resume: bool = False,
+                     inference_overrides: Sequence[str] = ()) -> list[dict[str, pathlib.Path]]:
+  """`python -m launch.predict --workdir=RUN`: load the run's predictor and predict every case
+  under the input (with `resume`, the cases an interrupted call into the same folder left without
+  outputs). `workdir` may also be an exported model (launch.export)."""
+  return predict_with_models([workdir], input_path, output_dir, tta_flips=tta_flips,
+                             save_probabilities=save_probabilities, overwrite=overwrite,
+                             checkpoint=checkpoint, resume=resume,
+                             inference_overrides=inference_overrides)
+
+
+def predict_with_models(model_paths: Sequence[str | pathlib.Path],
+                        input_path: str | pathlib.Path, output_dir: str | pathlib.Path,
+                        tta_flips: int | None = None, save_probabilities: bool = False,
+                        overwrite: bool = False, checkpoint: str | None = None,
+                        resume: bool = False, inference_overrides: Sequence[str] = ()
+                        ) -> list[dict[str, pathlib.Path]]:
+  """`python -m launch.predict --model=A[,B,...]`: predict every case under the input with one
+  exported model or run directory, or with several averaged (predictor.EnsemblePredictor; the
+  saved probabilities and SDFs are then the averages). `inference_overrides` are
+  'inference.KEY=VALUE' texts applied to every model's config."""
+  # Fail on the inputs, outputs and models before making the output folder or restoring a network.
   plan_outputs(input_path, output_dir, save_probabilities, overwrite, resume=resume)
-  load_config(workdir)
+  check_averageable([str(path) for path in model_paths],
+                    [load_model_config(path, checkpoint, inference_overrides)
+                     for path in model_paths])
   with locks.hold(output_dir, LOCK_PURPOSE):
     # Again: another process may have written there before this one held the folder.
     planned = plan_outputs(input_path, output_dir, save_probabilities, overwrite, resume=resume)
     if resume and _all_complete(planned, output_dir):
       return [paths for _, paths in planned]
-    predictor = load_predictor(workdir, checkpoint=checkpoint)
+    predictor = load_ensemble(model_paths, checkpoint=checkpoint,
+                              inference_overrides=inference_overrides)
     return predict_planned(predictor, planned, tta_flips=tta_flips,
                            save_probabilities=save_probabilities, resume=resume)
 

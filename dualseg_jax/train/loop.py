@@ -78,6 +78,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Impossible settings fail here, naming the key, before any data is read."""
   if config.stage not in config_base.STAGES:
     raise ConfigError(f'stage={config.stage!r}: choose one of {config_base.STAGES}')
+  for key, example in (('patch_size', '24,48,48'), ('target_spacing_mm', '3,3,3')):
+    if len(config.data[key]) != 3:
+      raise ConfigError(f'data.{key}={tuple(config.data[key])}: give three values (z, y, x), e.g. '
+                        f'--config.data.{key}={example}')
   for size in config.data.patch_size:
     if size % 8:
       raise ConfigError(f'data.patch_size={tuple(config.data.patch_size)}: every size must be a '
@@ -110,19 +114,28 @@ def default_workdir(config: ml_collections.ConfigDict, config_path: str = '') ->
   return pathlib.Path('runs') / f'{name}-{config.stage}-{config.preset}-{held_out}'
 
 
-def _prepare_workdir(config, workdir: pathlib.Path, overwrite: bool) -> None:
+def _check_workdir(config, workdir: pathlib.Path, allow_config_change: bool) -> dict:
+  """Returns the config as config.json holds it; refuses a workdir whose run has another one.
+
+  config.json is written once the data and the config have passed their checks, so a command
+  that failed on them leaves no run behind and the corrected command is not refused.
+  """
+  from dualseg_jax.data import pipeline  # deferred: data modules pull in grain and scipy
   workdir.mkdir(parents=True, exist_ok=True)
   path = workdir / 'config.json'
   current = json.loads(config.to_json_best_effort())
   if path.exists():
     saved = json.loads(path.read_text())
     differences = config_differences(saved, current)
-    if differences and not overwrite:
+    if differences and not allow_config_change:
       raise ConfigError(
           f'{workdir} holds a run with a different config:\n  ' + '\n  '.join(differences) +
-          '\nuse another --workdir, or --overwrite to continue this run with the new config')
-  if jax.process_index() == 0:
-    files.write_json(path, current, sort_keys=True)
+          '\nuse another --workdir, or --allow_config_change to continue this run with the new '
+          'config')
+  elif jax.process_index() == 0:
+    # No run started here: what a failed attempt recorded about its data does not bind this one.
+    (workdir / pipeline.IDENTITY_FILE).unlink(missing_ok=True)
+  return current
 
 
 @dataclasses.dataclass
@@ -177,9 +190,12 @@ def _resume_point(workdir: pathlib.Path) -> str:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                       overwrite: bool = False, mesh=None, stop_at_step: int | None = None
-                       ) -> RunResult:
+                       allow_config_change: bool = False, mesh=None,
+                       stop_at_step: int | None = None) -> RunResult:
   """Trains `config.stage` in `workdir` (resuming if it holds a run) and evaluates the test center.
+
+  A run in `workdir` whose saved config differs (beyond the keys a resume may change) is refused
+  unless `allow_config_change`.
 
   `stop_at_step` behaves like a preemption at that step: a checkpoint, then an early return.
   The run holds `workdir` throughout: a second run there is refused at once, naming this one.
@@ -191,7 +207,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     if jax.process_index() == 0:  # a multi-host run locks once
       stack.enter_context(locks.hold(workdir, 'the training run'))
     try:
-      return _train_and_evaluate(config, workdir, overwrite, mesh, stop_at_step, stack)
+      return _train_and_evaluate(config, workdir, allow_config_change, mesh, stop_at_step, stack)
     except Exception as error:
       refused = files.refused_write(error, 'the run\'s files', workdir)
       if refused is None or refused.safe:  # not the disk's doing, or already says what is safe
@@ -199,13 +215,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       raise refused.with_safe(_resume_point(workdir)) from error
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path, overwrite: bool,
-                        mesh, stop_at_step: int | None, cleanup: contextlib.ExitStack) -> RunResult:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path,
+                        allow_config_change: bool, mesh, stop_at_step: int | None,
+                        cleanup: contextlib.ExitStack) -> RunResult:
   from dualseg_jax.data import pipeline  # deferred: data modules pull in grain and scipy
 
   started = time.time()
   pipeline.resolve_data_root(config)
-  _prepare_workdir(config, workdir, overwrite)
+  resolved_config = _check_workdir(config, workdir, allow_config_change)
   _check_free_space(config, workdir)
   log.info('preset %s; stage %s; workdir %s', config.preset, config.stage, workdir)
 
@@ -226,6 +243,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   if restored is not None:
     state, start_step = restored
     log.info('resumed from the checkpoint at step %d', start_step)
+  if jax.process_index() == 0:
+    files.write_json(workdir / 'config.json', resolved_config, sort_keys=True)
   metrics_log = reporting.MetricsLog(workdir / 'metrics.jsonl', resume_step=start_step,
                                      tensorboard_dir=(workdir / 'tensorboard'
                                                       if config.train.tensorboard else None),
@@ -334,9 +353,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   test_summary = None
   if not stopped_early and config.train.evaluate_test_center and jax.process_index() == 0:
     report_dir = workdir / 'evaluation' / data.test_tag
-    if start_step == total_steps and (report_dir / 'summary.json').exists():
+    finished_report = _complete_report(report_dir / 'summary.json')
+    if start_step == total_steps and finished_report is not None:
       # A finished run asked again: its report stands (rerunning never repeats finished work).
-      test_summary = json.loads((report_dir / 'summary.json').read_text())
+      test_summary = finished_report
       test_summary.update(report_dir=str(report_dir), table=(report_dir / 'summary.md').read_text())
     else:
       try:
@@ -350,6 +370,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                      stopped_early=stopped_early, best_val_dice=best_dice, test_summary=test_summary)
   _print_summary(result)
   return result
+
+
+def _complete_report(path: pathlib.Path) -> dict | None:
+  """The held-out report at `path` when it scored every case; a report that skipped cases (an
+  unreadable reference, say) is rewritten by the next attempt instead of standing as final."""
+  if not path.exists():
+    return None
+  report = json.loads(path.read_text())
+  return report if report.get('complete', True) else None
 
 
 def _print_summary(result: RunResult) -> None:
@@ -412,7 +441,8 @@ def main_from_flags(flags) -> RunResult:
          else presets.resolve(None)[1])
   log.info('preset %s (%s)', config.preset, why)
   workdir = flags.workdir or default_workdir(config, config_path)
-  return train_and_evaluate(config, workdir, overwrite=flags.overwrite)
+  return train_and_evaluate(config, workdir,
+                            allow_config_change=flags.allow_config_change or flags.overwrite)
 
 
 def _config_path() -> str:

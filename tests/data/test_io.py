@@ -299,9 +299,9 @@ def test_uncompressed_nifti_cut_short(tmp_path):
 
 
 def test_unsupported_suffix(tmp_path):
-  (tmp_path / 'scan.mha').write_bytes(b'x')
-  with pytest.raises(DataError, match='scan.mha: unsupported'):
-    io.read_volume(tmp_path / 'scan.mha')
+  (tmp_path / 'scan.mnc').write_bytes(b'x')
+  with pytest.raises(DataError, match='scan.mnc: unsupported'):
+    io.read_volume(tmp_path / 'scan.mnc')
 
 
 def test_shape_mismatch_names_both_files(tmp_path):

@@ -1,5 +1,6 @@
 """Metrics against closed forms (shifted boxes with anisotropic spacing, a cube against itself),
-a brute-force surface-distance reference, and the documented empty-mask conventions."""
+a brute-force surface-distance reference, and the documented empty-mask conventions (a miss at
+the hand-computed image diagonal)."""
 
 import math
 
@@ -11,6 +12,8 @@ from dualseg_jax.evaluation import metrics
 
 SHAPE = (24, 26, 28)
 SPACING = (2.5, 0.8, 1.2)
+# The penalty of a miss: the diagonal of the 60 x 20.8 x 33.6 mm field of view.
+DIAGONAL_MM = math.sqrt((24 * 2.5) ** 2 + (26 * 0.8) ** 2 + (28 * 1.2) ** 2)
 BOX_START = (4, 5, 6)
 BOX_SIZE = (10, 12, 12)
 
@@ -90,15 +93,25 @@ def test_cube_against_itself():
 def test_empty_conventions():
   empty, cube = np.zeros(SHAPE, bool), _box()
   both_empty = metrics.binary_metrics(empty, empty, SPACING)
-  assert both_empty['dice'] == both_empty['nsd'] == both_empty['precision'] == 1.0
-  assert both_empty['hd95_mm'] == both_empty['assd_mm'] == 0.0
+  for name in ('dice', 'iou', 'precision', 'recall', 'nsd', 'hd95_mm', 'assd_mm',
+               'volume_difference_relative'):
+    assert math.isnan(both_empty[name]), name
+  assert both_empty['volume_difference_ml'] == 0.0
+  assert metrics.outcome(both_empty) == 'absent'
   missed = metrics.binary_metrics(empty, cube, SPACING)
   assert missed['dice'] == missed['nsd'] == missed['recall'] == missed['precision'] == 0.0
-  assert math.isinf(missed['hd95_mm']) and math.isinf(missed['assd_mm'])
+  assert missed['hd95_mm'] == missed['assd_mm'] == pytest.approx(DIAGONAL_MM)
+  assert DIAGONAL_MM == pytest.approx(71.8443, abs=1e-4)
   assert missed['volume_difference_relative'] == -1.0
+  assert metrics.outcome(missed) == 'missed'
   false_alarm = metrics.binary_metrics(cube, empty, SPACING)
-  assert false_alarm['dice'] == 0.0 and math.isinf(false_alarm['hd95_mm'])
+  assert false_alarm['dice'] == 0.0 and false_alarm['hd95_mm'] == pytest.approx(DIAGONAL_MM)
   assert math.isinf(false_alarm['volume_difference_relative'])
+  assert metrics.outcome(false_alarm) == 'false positive'
+  # No surface distance on the grid exceeds the penalty: the farthest pair of voxels.
+  corners = metrics.binary_metrics(_box(start=(0, 0, 0), size=(1, 1, 1)),
+                                   _box(start=(23, 25, 27), size=(1, 1, 1)), SPACING)
+  assert corners['hd95_mm'] < DIAGONAL_MM
 
 
 def test_case_metrics_structures_and_summaries():
@@ -109,8 +122,11 @@ def test_case_metrics_structures_and_summaries():
   prediction[8:10, 8:10, 8:10] = 1  # tumour missed, pancreas (label >= 1) unchanged
   result = metrics.case_metrics(prediction, reference, SPACING)
   assert result['pancreas']['dice'] == 1.0
-  assert result['tumour']['dice'] == 0.0 and math.isinf(result['tumour']['hd95_mm'])
-  summary = metrics.summarise([1.0, 3.0, math.inf, 2.0])
+  assert result['tumour']['dice'] == 0.0
+  assert result['tumour']['hd95_mm'] == pytest.approx(DIAGONAL_MM)
+  assert metrics.display_name('pancreas') == 'pancreas (labels 1+2)'
+  assert metrics.display_name('tumour') == 'tumour (label 2)'
+  summary = metrics.summarise([1.0, 3.0, math.inf, 2.0, math.nan])
   assert summary == {'mean': 2.0, 'std': pytest.approx(np.std([1, 3, 2])), 'median': 2.0,
-                     'n': 3, 'n_excluded': 1}
-  assert metrics.summarise([math.inf])['mean'] is None
+                     'n': 3, 'n_excluded': 2}
+  assert metrics.summarise([math.nan])['mean'] is None

@@ -1,23 +1,17 @@
 """What an interrupted prediction or evaluation can leave never passes for a result: a truncated
-prediction is named and not scored, hidden partial files are not cases, a report is whole or
-absent, and one process at a time writes a report folder."""
+prediction is named and not scored (the others are), hidden partial files are not cases, a report
+is whole or absent, and one process at a time writes a report folder."""
 
 import os
-import pathlib
-import subprocess
-import sys
 import threading
 
 import numpy as np
 import pytest
 
 from dualseg_jax import locks
-from dualseg_jax.errors import DataError
 from dualseg_jax.evaluation import figures
 from dualseg_jax.evaluation import report
 from tests.evaluation.test_report import SHAPE, _save, planted  # noqa: F401 (planted: a fixture)
-
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _truncate_to_half(path):
@@ -25,7 +19,7 @@ def _truncate_to_half(path):
   path.write_bytes(data[:len(data) // 2])
 
 
-def test_truncated_predictions_are_named_and_nothing_is_reported(planted, tmp_path):  # noqa: F811
+def test_truncated_predictions_are_named_and_not_scored(planted, tmp_path):  # noqa: F811
   root, manifest = planted
   # case_b: a noisy label map, so that half its bytes end inside the voxel data; case_c: a
   # smooth one, whose half ends inside the compressed header.
@@ -34,26 +28,26 @@ def test_truncated_predictions_are_named_and_nothing_is_reported(planted, tmp_pa
   for name in ('case_b', 'case_c'):
     _truncate_to_half(root / 'pred' / f'{name}.nii.gz')
   out = tmp_path / 'report'
-  with pytest.raises(DataError) as refused:
-    report.evaluate_folder(root / 'pred', root / 'gt', out, centers=manifest)
-  message = str(refused.value)
+  with pytest.raises(report.CasesSkipped) as skipped:
+    report.evaluate_folder(root / 'pred', root / 'gt', out, centers=manifest,
+                           show_progress=False)
+  message = str(skipped.value)
   assert message.startswith(
-      '2 of 3 prediction(s) cannot be read, so no report is written: bad prediction '
-      f'{root / "pred" / "case_b.nii.gz"} is truncated or corrupt (EOFError: Compressed file ended '
-      'before the end-of-stream marker was reached); bad prediction '
-      f'{root / "pred" / "case_c.nii.gz"} is truncated or corrupt')
-  assert 'case_a' not in message and 're-export' not in message
+      f'2 of 3 case(s) cannot be scored; the report in {out} scores the other 1 and lists these:\n'
+      f'  case_b: prediction {root / "pred" / "case_b.nii.gz"} is truncated or corrupt (EOFError: '
+      'Compressed file ended before the end-of-stream marker was reached): delete it, then rerun '
+      'launch.predict into the same folder with --resume\n'
+      f'  case_c: prediction {root / "pred" / "case_c.nii.gz"} is truncated or corrupt')
+  assert '  case_a' not in message and 're-export' not in message
   assert message.endswith('rerun launch.predict into the same folder with --resume')
-  assert [path.name for path in out.iterdir()] == ['.dualseg.lock']
-
-  result = subprocess.run(
-      [sys.executable, '-m', 'launch.evaluate', f'--pred={root / "pred"}', f'--gt={root / "gt"}',
-       f'--out={tmp_path / "cli"}'],
-      cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
-      env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin', 'MPLCONFIGDIR': str(tmp_path / 'mpl')})
-  assert result.returncode == 1
-  assert result.stderr.startswith(f'error: {message}')
-  assert not (tmp_path / 'cli' / 'summary.json').exists()
+  # The one readable case is reported, the truncated ones listed and in no number.
+  summary = skipped.value.summary
+  assert summary['num_cases'] == 1 and [entry['case'] for entry in summary['skipped']] == [
+      'case_b', 'case_c']
+  assert summary['by_center']['center_1']['pancreas']['dice']['n'] == 1
+  assert 'center_2' not in summary['by_center']  # its only case is skipped
+  assert sorted(path.name for path in out.iterdir()) == sorted(
+      ['.dualseg.lock', *report.REPORT_FILES])
 
 
 def test_hidden_partial_files_are_not_cases(planted, tmp_path):  # noqa: F811

@@ -327,10 +327,10 @@ def test_command_line_cascade_flags(tmp_path):
 
   _write_planted(tmp_path / 'case.nii.gz')
   both = predict(f'--workdir={tmp_path}', f'--cascade={tmp_path}')
-  assert both.returncode != 0 and 'Exactly one of (workdir, cascade)' in both.stderr
+  assert both.returncode != 0 and 'Exactly one of (workdir, cascade, model)' in both.stderr
   (tmp_path / 'exp' / 'pancreas_coarse').mkdir(parents=True)
   (tmp_path / 'exp' / 'pancreas_coarse' / 'config.json').write_text('{}')
   missing = predict(f'--cascade={tmp_path / "exp"}')
-  assert missing.returncode == 1
+  assert missing.returncode == 2
   assert f'the pancreas_fine run directory {tmp_path / "exp" / "pancreas_fine"} does not exist' in missing.stderr
   assert not (tmp_path / 'out').exists()

@@ -109,5 +109,5 @@ def test_the_command_refuses_a_test_only_study(tmp_path):
       [sys.executable, '-m', 'launch.postprocess_study', f'--workdir={tmp_path}', '--split=test'],
       cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
       env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'})
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert 'validation chooses the rule' in result.stderr

@@ -163,7 +163,7 @@ def test_command_line_refuses_to_overwrite(tmp_path):
        f'--input={input_path}', f'--output={tmp_path / "out"}'],
       cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
       env={'JAX_PLATFORMS': 'cpu', 'PATH': '/usr/bin:/bin'})
-  assert result.returncode == 1
+  assert result.returncode == 2
   assert f'{tmp_path / "out" / "case.nii.gz"} already exists' in result.stderr
   assert (tmp_path / 'out' / 'case.nii.gz').read_bytes() == b'earlier result'
 

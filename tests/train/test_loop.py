@@ -104,11 +104,23 @@ def test_resuming_with_a_different_config_is_refused(phantom_root, tmp_path):
   changed = _config(phantom_root, steps=3, **{'seed': 7})
   with pytest.raises(ConfigError, match='seed'):
     loop.train_and_evaluate(changed, tmp_path / 'run')
-  result = loop.train_and_evaluate(changed, tmp_path / 'run', overwrite=True)
+  result = loop.train_and_evaluate(changed, tmp_path / 'run', allow_config_change=True)
   assert result.final_step == 3
 
 
+def test_an_attempt_that_failed_before_config_json_binds_nothing(phantom_root, tmp_path):
+  # What a failed attempt (say, on a bad case, since fixed) recorded about data it never trained on.
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'data_identity.json').write_text(json.dumps({'source': 'synthetic', 'cases': {}}))
+  result = loop.train_and_evaluate(_config(phantom_root, steps=1), workdir)
+  assert result.final_step == 1
+  assert json.loads((workdir / 'data_identity.json').read_text())['cases']
+  assert json.loads((workdir / 'config.json').read_text())['train']['steps'] == 1
+
+
 @pytest.mark.parametrize('key, value, message', [
+    ('data.patch_size', (16, 32), 'give three values'),
     ('data.patch_size', (16, 30, 32), 'multiple of 8'),
     ('data.test_center', 'center_x', 'center_x'),
     ('model.num_classes', 3, 'model.num_classes'),

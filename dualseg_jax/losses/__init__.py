@@ -1,7 +1,7 @@
 """Every training loss as a pure function in a name -> function registry, and their weighted sum.
 
 Each loss is `fn(views, batch, loss_config, step) -> (float32 scalar, metrics)`; `total_loss`
-sums the ones with a non-zero weight in `config.loss.weights` (the README, "Adding a loss").
+sums the ones with a non-zero weight in `config.loss.weights` (docs/adding-a-loss.md).
 """
 
 from dualseg_jax.losses.registry import LOSSES, register, total_loss

@@ -449,7 +449,7 @@ def test_total_loss_gradient_is_finite_under_jit_for_every_ablation(ablation):
 
 
 def focal_loss(views, batch, loss_config, step):
-  """The example of the README's "Adding a loss" section."""
+  """The example of docs/adding-a-loss.md."""
   del step
   mask = batch['mask'].astype(jnp.float32)
   values = []

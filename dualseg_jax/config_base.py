@@ -4,6 +4,9 @@ Sections: `data` (centers, splits, preprocessing, patches), `model` (network), `
 losses and their weights), `augment` (RandConv views and spatial/intensity augmentation),
 `optim` (Adam and the schedule), `train` (loop, logging, checkpoints), `inference`
 (sliding window, flips, post-processing), `evaluation` (metrics).
+
+Every change to a config goes through `with_overrides` (dotted keys: presets, ablations, cascade
+stages); `flatten` and `differences` compare two; `load_saved` reads back a run's config.json.
 """
 
 from __future__ import annotations
@@ -13,6 +16,9 @@ import math
 from typing import Any
 
 import ml_collections
+
+from dualseg_jax import structures
+from dualseg_jax.errors import ConfigError
 
 # Keys added after runs had been made whose default computes something else than those runs did:
 # a saved config.json without the key ran with the value here. Resuming and predicting read it so.
@@ -44,7 +50,7 @@ def with_earlier_values(saved: dict) -> dict:
       node[leaf] = value
   return saved
 
-STAGES = ('joint', 'pancreas_coarse', 'pancreas_fine', 'tumour_coarse', 'tumour_fine')
+STAGES = structures.STAGES  # what `config.stage` may name
 SYNTHETIC_CENTERS = ('center_a', 'center_b', 'center_c')
 
 
@@ -260,3 +266,72 @@ def base_config() -> ml_collections.ConfigDict:
   experiments.cascade_recipe = 'reference'
   experiments.cascade_coarse_spacing_factor = (1.0, 2.0, 2.0)  # (z, y, x)
   return config
+
+
+# ----------------------------------------------------------------------------------------------
+# One way to change a config (dotted-key overrides), compare two, and read a saved one back.
+
+
+def flatten(tree: dict | ml_collections.ConfigDict, prefix: str = '') -> dict[str, Any]:
+  """Every value of a nested dict or ConfigDict by its dotted key, e.g. 'loss.weights.dice'."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      flat.update(flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[f'{prefix}{key}'] = value
+  return flat
+
+
+def differences(base: dict | ml_collections.ConfigDict,
+                other: dict | ml_collections.ConfigDict) -> dict[str, Any]:
+  """The dotted keys whose value in `other` is not `base`'s, with `other`'s values: the overrides
+  that turn `base` into `other`."""
+  base_flat = flatten(base)
+  return {key: value for key, value in flatten(other).items() if base_flat.get(key) != value}
+
+
+def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any],
+                   lock: bool = True) -> ml_collections.ConfigDict:
+  """A copy of `config` with each dotted key (e.g. 'loss.weights.dice') set; unknown keys fail.
+
+  Presets, ablation variants, cascade stages and tests all change configs this way. The copy is
+  locked (no key can be added) unless `lock=False`.
+  """
+  variant = ml_collections.ConfigDict(config.to_dict())
+  for dotted_key, value in overrides.items():
+    *parents, leaf = dotted_key.split('.')
+    node = variant
+    for part in parents:
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise ConfigError(f'override {dotted_key!r}: the config has no section {part!r}; check '
+                          'the key against dualseg_jax/config_base.py')
+      node = node[part]
+    if leaf not in node:
+      raise ConfigError(f'override {dotted_key!r}: the config has no key {leaf!r}; check the key '
+                        'against dualseg_jax/config_base.py')
+    node[leaf] = value
+  if lock:
+    variant.lock()
+  return variant
+
+
+def load_saved(saved: dict) -> ml_collections.ConfigDict:
+  """The config a run's config.json (read as a dict) describes, on today's defaults: a key the
+  run predates holds what the run computed (VALUES_BEFORE_KEYS), else today's default.
+
+  A value of the wrong type for its key raises TypeError.
+  """
+  config = base_config()
+  _overlay(config, with_earlier_values(saved))
+  return config
+
+
+def _overlay(config: ml_collections.ConfigDict, saved: dict) -> None:
+  for key, value in saved.items():
+    if key in config and isinstance(config[key], ml_collections.ConfigDict) and isinstance(value, dict):
+      _overlay(config[key], value)
+    elif key in config and isinstance(config[key], tuple) and isinstance(value, list):
+      config[key] = tuple(value)  # JSON holds tuples as lists
+    else:
+      config[key] = value

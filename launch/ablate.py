@@ -28,13 +28,6 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the runs and their override
 flags.mark_flags_as_required(['config'])
 
 
-def _config_stem() -> str:
-  for argument in sys.argv:
-    if argument.startswith('--config='):
-      return pathlib.Path(argument.split('=', 1)[1].split(':')[0]).stem
-  return 'config'
-
-
 def main(argv):
   del argv
   from dualseg_jax.experiments import runs
@@ -50,7 +43,7 @@ def main(argv):
     if _DRY_RUN.value:
       return
     workdir = _WORKDIR.value or (pathlib.Path('runs') /
-                                 f'ablation-{_ABLATION.value}-{_config_stem()}-{config.preset}')
+                                 f'ablation-{_ABLATION.value}-{cli.config_name()}-{config.preset}')
     shard = None
     if _SHARD.value:
       try:

@@ -28,7 +28,7 @@ flags.DEFINE_integer('train_steps', 60, 'Steps of the training run for --what=tr
 
 def main(argv):
   del argv
-  from dualseg_jax import bench
+  from dualseg_jax.tools import bench
   config = flags.FLAGS.config
   what = (['step', 'train', 'loader', 'targets', 'balance', 'views', 'inference'] if flags.FLAGS.what == 'all'
           else [flags.FLAGS.what])

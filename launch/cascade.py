@@ -27,9 +27,8 @@ def main(argv):
   from dualseg_jax.experiments import cascade  # deferred so --help answers without importing jax
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(levelname)s %(message)s')
   config = flags.FLAGS.config
-  stem = next((pathlib.Path(a.split('=', 1)[1].split(':')[0]).stem for a in sys.argv
-               if a.startswith('--config=')), 'config')
-  workdir = pathlib.Path(_WORKDIR.value or pathlib.Path('runs') / f'cascade-{stem}-{config.preset}')
+  workdir = pathlib.Path(_WORKDIR.value or
+                         pathlib.Path('runs') / f'cascade-{cli.config_name()}-{config.preset}')
   try:
     stage_dirs = cascade.train_stages(config, workdir)
     summary = cascade.evaluate(config, workdir, stage_dirs)

@@ -18,6 +18,7 @@ from typing import NoReturn
 from absl import app
 from absl import flags
 import ml_collections
+from ml_collections import config_flags
 
 from dualseg_jax.errors import ConfigError, DataError
 
@@ -97,6 +98,13 @@ def installed_configs() -> dict[str, pathlib.Path]:
     return {}
   folder = pathlib.Path(next(iter(spec.submodule_search_locations)))
   return {path.stem: path for path in sorted(folder.glob('*.py')) if not path.stem.startswith('_')}
+
+
+def config_name() -> str:
+  """The name of the parsed --config file, e.g. `three_center` for --config=three_center:quick:
+  it names a command's default output folder."""
+  file = config_flags.get_config_filename(flags.FLAGS['config']).partition(':')[0]
+  return pathlib.Path(file).stem
 
 
 def resolve_config(value: str) -> str:

@@ -29,9 +29,9 @@ def main(argv):
   if unknown:
     raise cli.CommandLineError(f'--parts={",".join(_PARTS.value)}: {unknown} unknown; choose '
                                'among concurrent, disk, prediction')
-  from dualseg_jax.train import fault_check  # deferred so --help answers without importing jax
-  results = fault_check.check_faults(_WORKDIR.value, data_root=_DATA_ROOT.value or None,
-                                     parts=tuple(_PARTS.value))
+  from dualseg_jax.tools import faults  # deferred so --help answers without importing jax
+  results = faults.check_faults(_WORKDIR.value, data_root=_DATA_ROOT.value or None,
+                                parts=tuple(_PARTS.value))
   for result in results:
     print(result.summary(), flush=True)
   if any(result.problems for result in results):

@@ -2,7 +2,8 @@
 `python -m launch.fuzz_readers --cases=5000 --seed=0 [--formats=nifti,dicom]`.
 
 Prints, per format, the cases tried, DataErrors, accepted volumes and any other outcome with its
-exception type; exits non-zero when any outcome was unclear (see dualseg_jax/data/fuzz.py).
+exception type; exits non-zero when any outcome was unclear (see
+dualseg_jax/tools/fuzz_readers.py).
 """
 
 import sys
@@ -19,9 +20,9 @@ _FORMATS = flags.DEFINE_list('formats', ['nifti', 'nifti_gz', 'nrrd', 'dicom'],
 
 def main(argv):
   del argv
-  from dualseg_jax.data import fuzz  # deferred: flag errors come before heavy imports
-  report = fuzz.fuzz_readers(_CASES.value, seed=_SEED.value, formats=tuple(_FORMATS.value))
-  print(fuzz.format_report(report))
+  from dualseg_jax.tools import fuzz_readers  # deferred: flag errors come before heavy imports
+  report = fuzz_readers.fuzz_readers(_CASES.value, seed=_SEED.value, formats=tuple(_FORMATS.value))
+  print(fuzz_readers.format_report(report))
   if report['unclear']:
     sys.exit(1)
 

@@ -22,8 +22,8 @@ flags.mark_flags_as_required(['workdir'])
 
 def main(argv):
   del argv
-  from dualseg_jax.train import crash_check  # deferred so --help answers without importing jax
-  report = crash_check.check_kill_resume(
+  from dualseg_jax.tools import kill_resume  # deferred so --help answers without importing jax
+  report = kill_resume.check_kill_resume(
       _WORKDIR.value, kills=_KILLS.value, seed=_SEED.value, steps=_STEPS.value,
       data_root=_DATA_ROOT.value or None, compilation_cache_dir=_CACHE.value or None)
   print(report.summary(), flush=True)

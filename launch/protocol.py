@@ -27,13 +27,10 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the runs and their override
 flags.mark_flags_as_required(['config'])
 
 
-def _train_command() -> tuple[str, str]:
-  """The launch.train command that repeats one run with this command's config flags, and the
-  config file's stem."""
+def _train_command() -> str:
+  """The launch.train command that repeats one run with this command's config flags as typed."""
   arguments = [a for a in sys.argv[1:] if a.startswith('--config')]
-  config_path = next((a.split('=', 1)[1] for a in arguments if a.startswith('--config=')), '')
-  command = ' '.join(['python -m launch.train'] + [shlex.quote(a) for a in arguments])
-  return command, pathlib.Path(config_path.split(':')[0]).stem or 'config'
+  return ' '.join(['python -m launch.train'] + [shlex.quote(a) for a in arguments])
 
 
 def main(argv):
@@ -48,13 +45,14 @@ def main(argv):
       folds = [] if _FOLDS.value == ['none'] else [int(fold) for fold in _FOLDS.value]
     except ValueError:
       raise app.UsageError(f'--folds={",".join(_FOLDS.value)}: give integers, e.g. --folds=0,1')
-  command, stem = _train_command()
+  command = _train_command()
   try:
     specs = protocol.plan(config, folds, _LEAVE_ONE_OUT.value)
     print(protocol.describe(config, specs), flush=True)
     if _DRY_RUN.value:
       return
-    workdir = pathlib.Path(_WORKDIR.value or pathlib.Path('runs') / f'protocol-{stem}-{config.preset}')
+    workdir = pathlib.Path(_WORKDIR.value or
+                           pathlib.Path('runs') / f'protocol-{cli.config_name()}-{config.preset}')
     protocol.run_protocol(config, workdir, folds, _LEAVE_ONE_OUT.value, base_command=command)
   except runs.ExperimentInterrupted as error:
     sys.exit(str(error))

@@ -45,18 +45,12 @@ def phantom_root(tmp_path_factory):
 
 def tiny_run_config(root, steps, **overrides):
   """The tiny preset training on 2 phantom cases per center in `root`, global batch 2, without
-  validation or held-out evaluation (they dominate a tiny run's time); `overrides` maps
-  'section.key' or a top-level 'key' to a value."""
+  validation or held-out evaluation (they dominate a tiny run's time); `overrides` maps dotted
+  config keys ('train.checkpoint_every', 'seed') to values. The config stays unlocked."""
   from configs import three_center
-  config = three_center.get_config('tiny')
-  config.data.root = str(root)
-  config.data.synthetic_cases_per_center = 2
-  config.data.cache_dir = str(pathlib.Path(root) / 'cache')
-  config.data.batch_size = 2
-  config.train.steps = steps
-  config.train.eval_every = 0
-  config.train.evaluate_test_center = False
-  for key, value in overrides.items():
-    *section, name = key.split('.')
-    (config[section[0]] if section else config)[name] = value
-  return config
+  from dualseg_jax import config_base
+  return config_base.with_overrides(three_center.get_config('tiny'), {
+      'data.root': str(root), 'data.synthetic_cases_per_center': 2,
+      'data.cache_dir': str(pathlib.Path(root) / 'cache'), 'data.batch_size': 2,
+      'train.steps': steps, 'train.eval_every': 0, 'train.evaluate_test_center': False,
+      **overrides}, lock=False)

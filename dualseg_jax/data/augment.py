@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-# The embedding grid of the contrastive positions (three stride-2 convolutions).
-EMBEDDING_STRIDE = 8
+from dualseg_jax.structures import EMBEDDING_STRIDE
+
 # Newton steps that invert the elastic part of the sampling map for the positions.
 _INVERSE_ELASTIC_STEPS = 4
 # Guards the per-patch SDF normalisation of a patch without inside (or outside) voxels.

@@ -22,6 +22,7 @@ import numpy as np
 from dualseg_jax import files
 from dualseg_jax.data import volume as volume_lib
 from dualseg_jax.errors import ConfigError, DataError
+from dualseg_jax.structures import LABEL_VALUES
 
 NIFTI_SUFFIXES = ('.nii', '.nii.gz')
 NRRD_SUFFIXES = ('.nrrd', '.nhdr')
@@ -29,7 +30,6 @@ METAIMAGE_SUFFIXES = ('.mha', '.mhd')  # read through SimpleITK, an optional dep
 VOLUME_SUFFIXES = NIFTI_SUFFIXES + NRRD_SUFFIXES + METAIMAGE_SUFFIXES
 # nnU-Net names the first (here, only) input channel of case X `X_0000`.
 CHANNEL_SUFFIX = '_0000'
-LABEL_VALUES = (0, 1, 2)  # background, pancreas, tumour
 MAX_SPACING_MM = 50.0
 # Below this a voxel axis is degenerate (a zero column in the affine), not merely fine.
 MIN_SPACING_MM = 1e-4

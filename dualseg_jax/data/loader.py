@@ -29,23 +29,19 @@ import grain
 import ml_collections
 import numpy as np
 
-from dualseg_jax import config_base
+from dualseg_jax import structures
 from dualseg_jax.data import preprocess
 from dualseg_jax.data import registry
 from dualseg_jax.data import targets
 from dualseg_jax.errors import ConfigError
+from dualseg_jax.structures import EMBEDDING_STRIDE
 
 log = logging.getLogger('dualseg_jax')
 
-EMBEDDING_STRIDE = targets.EMBEDDING_STRIDE
-# Which cached SDF feeds each output channel, per stage (docs/design.md channel order).
-_STAGE_STRUCTURES = {
-    'joint': ('pancreas', 'tumour'),
-    'pancreas_coarse': ('pancreas',), 'pancreas_fine': ('pancreas',),
-    'tumour_coarse': ('tumour',), 'tumour_fine': ('tumour',),
-}
+# Read by the loader benchmark (tools/bench/data.py); the mapping is structures.STAGE_STRUCTURES.
+_STAGE_STRUCTURES = structures.STAGE_STRUCTURES
 # Which structure's bounding box the training crops are taken around (data.roi_structure).
-ROI_STRUCTURES = ('pancreas', 'tumour')
+ROI_STRUCTURES = structures.NAMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,8 +70,7 @@ def cached_cases(cache: preprocess.Cache, cases: Sequence[registry.Case], stage:
   Every stage crops around the pancreas, so a case without one (absent in its label, or lost
   when resampled: see the manifest's problems) is left out.
   """
-  if stage not in _STAGE_STRUCTURES:
-    raise ConfigError(f'stage={stage!r}: choose one of {config_base.STAGES}')
+  structures.stage_structures(stage)  # an unknown stage fails here, naming the stages
   order = {key: index for index, key in enumerate(cache.cases)}
   centers = tuple(centers)
   usable = []
@@ -139,8 +134,7 @@ class PatchSettings:
     if len(patch_size) != 3 or any(s <= 0 or s % EMBEDDING_STRIDE for s in patch_size):
       raise ConfigError(f'data.patch_size={patch_size}: give three sizes, each a multiple of '
                         f'{EMBEDDING_STRIDE}')
-    if config.stage not in _STAGE_STRUCTURES:
-      raise ConfigError(f'stage={config.stage!r}: choose one of {config_base.STAGES}')
+    structures.stage_structures(config.stage)  # an unknown stage fails here
     if data.contrastive_sampling not in targets.CONTRASTIVE_SAMPLINGS:
       raise ConfigError(f'data.contrastive_sampling={data.contrastive_sampling!r}: choose one of '
                         f'{targets.CONTRASTIVE_SAMPLINGS}')
@@ -234,7 +228,7 @@ def _patch_start(case: CachedCase, settings: PatchSettings, rng: np.random.Gener
   if case.tumour_box is not None and wants_tumour:
     box_low, box_high = (np.asarray(corner, np.int64) for corner in case.tumour_box)
     window = tuple(slice(lo, hi) for lo, hi in zip(box_low, box_high))
-    tumour_voxels = np.argwhere(np.asarray(label[window]) == 2)
+    tumour_voxels = np.argwhere(np.asarray(label[window]) == structures.TUMOUR)
     centre = box_low + tumour_voxels[rng.integers(len(tumour_voxels))]
     return centre - size // 2
   roi_size = roi_high - roi_low
@@ -261,7 +255,7 @@ def _positions_in_patch(skeleton_voxels: np.ndarray, start: np.ndarray, size: np
 def sample_patch(case: CachedCase, settings: PatchSettings, rng: np.random.Generator
                  ) -> dict[str, np.ndarray]:
   """One training example of `case` with every target key of docs/design.md."""
-  structures = _STAGE_STRUCTURES[settings.stage]
+  channel_structures = structures.stage_structures(settings.stage)
   directory = case.directory
   load = lambda name: np.load(f'{directory}/{name}.npy', mmap_mode='r')
   label_map = load('label')
@@ -272,9 +266,9 @@ def sample_patch(case: CachedCase, settings: PatchSettings, rng: np.random.Gener
   read_window(load('image'), start, size, fill=0.0, out=image[..., 0])
   label = read_window(label_map, start, size, fill=0)
   mask = targets.stage_channel_masks(label, settings.stage)
-  sdf = np.empty(tuple(size) + (len(structures),), np.float32)
-  sdf_scale_mm = np.empty((len(structures), 2), np.float32)
-  for channel, name in enumerate(structures):
+  sdf = np.empty(tuple(size) + (len(channel_structures),), np.float32)
+  sdf_scale_mm = np.empty((len(channel_structures), 2), np.float32)
+  for channel, name in enumerate(channel_structures):
     read_window(load(f'sdf_{name}'), start, size, fill=None, out=sdf[..., channel])
     # The edge value repeated beyond the case can carry the inside's sign where the label reads
     # background; the label decides.
@@ -283,12 +277,12 @@ def sample_patch(case: CachedCase, settings: PatchSettings, rng: np.random.Gener
     sdf_scale_mm[channel] = targets.signed_distance_scales(signed_distance)
     sdf[..., channel] = targets.normalize_signed_distance(signed_distance)
   # Voxel counts from the label (count_nonzero on uint8 is far cheaper than reducing the masks).
-  tumour = label == 2
+  tumour = label == structures.TUMOUR
   structure_counts = {'pancreas': np.count_nonzero(label), 'tumour': np.count_nonzero(tumour)}
-  sdf_valid = np.array([0 < structure_counts[name] < label.size for name in structures])
+  sdf_valid = np.array([0 < structure_counts[name] < label.size for name in channel_structures])
 
-  structure = tumour if structures[-1] == 'tumour' else label > 0
-  skeleton_cells = _positions_in_patch(load(f'skeleton_{structures[-1]}'), start, size)
+  structure = tumour if channel_structures[-1] == 'tumour' else label > 0
+  skeleton_cells = _positions_in_patch(load(f'skeleton_{channel_structures[-1]}'), start, size)
   positions = targets.contrastive_positions(structure, skeleton_cells, rng,
                                             settings.contrastive_sampling, settings.num_positions,
                                             settings.ring_side_vox)

@@ -9,10 +9,10 @@ import numpy as np
 from scipy import ndimage
 from skimage import morphology
 
+from dualseg_jax import structures
 from dualseg_jax.errors import ConfigError
+from dualseg_jax.structures import EMBEDDING_STRIDE
 
-# The embedding comes out of three stride-2 convolutions.
-EMBEDDING_STRIDE = 8
 CONTRASTIVE_SAMPLINGS = ('per_slice', 'uniform')
 # Per-slice sampling: a 1/8 slice gives a positive only when it holds at least this many cells of
 # the structure (relaxed towards 1 when no slice of the patch does).
@@ -29,15 +29,7 @@ def stage_channel_masks(label: np.ndarray, stage: str) -> np.ndarray:
   `tumour_*` -> (tumour,). The last channel is the contrastive structure.
   """
   label = np.asarray(label)
-  if stage == 'joint':
-    channels = [label >= 1, label == 2]
-  elif stage.startswith('pancreas_'):
-    channels = [label >= 1]
-  elif stage.startswith('tumour_'):
-    channels = [label == 2]
-  else:
-    raise ConfigError(f'stage={stage!r} has no channel definition; use joint, pancreas_coarse, '
-                      'pancreas_fine, tumour_coarse or tumour_fine')
+  channels = [structures.MASKS[name](label) for name in structures.stage_structures(stage)]
   return np.stack(channels, axis=-1).astype(np.float32)
 
 

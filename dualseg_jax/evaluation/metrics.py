@@ -27,16 +27,15 @@ Empty masks: each case and structure has one OUTCOMES entry, and
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import scipy.ndimage as ndimage
 
+from dualseg_jax import structures
+
 HD_PERCENTILE = 95.0
-STRUCTURES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    'pancreas': lambda label: label >= 1,  # pancreas including tumour
-    'tumour': lambda label: label == 2,
-}
+STRUCTURES = structures.MASKS  # name -> its mask in a 0/1/2 label map
 STRUCTURE_LABELS = {'pancreas': 'labels 1+2', 'tumour': 'label 2'}
 # Whether the reference and the prediction hold the structure -> the case's outcome.
 OUTCOMES = {(True, True): 'found', (True, False): 'missed', (False, True): 'false positive',
@@ -85,6 +84,17 @@ def directed_surface_distances(prediction: np.ndarray, reference: np.ndarray,
   return to_reference[prediction_surface], to_prediction[reference_surface]
 
 
+def dice(prediction: np.ndarray, reference: np.ndarray, both_empty: float = np.nan) -> float:
+  """Dice of two boolean masks of one grid, 2 |P & G| / (|P| + |G|); `both_empty` when neither
+  holds a voxel (by default NaN, as for an 'absent' structure: there is nothing to overlap)."""
+  prediction = np.asarray(prediction, dtype=bool)
+  reference = np.asarray(reference, dtype=bool)
+  total = int(np.count_nonzero(prediction)) + int(np.count_nonzero(reference))
+  if total == 0:
+    return float(both_empty)
+  return 2.0 * int(np.count_nonzero(prediction & reference)) / total
+
+
 def binary_metrics(prediction: np.ndarray, reference: np.ndarray, spacing_mm: Sequence[float],
                    nsd_tolerance_mm: float = 2.0) -> dict[str, float]:
   """Every metric of METRIC_NAMES for one structure (boolean masks on one grid)."""
@@ -107,7 +117,7 @@ def binary_metrics(prediction: np.ndarray, reference: np.ndarray, spacing_mm: Se
     metrics.update(dice=np.nan, iou=np.nan, precision=np.nan, recall=np.nan,
                    volume_difference_relative=np.nan, hd95_mm=np.nan, assd_mm=np.nan, nsd=np.nan)
     return _in_order(metrics)
-  metrics['dice'] = 2.0 * overlap / (predicted_voxels + reference_voxels)
+  metrics['dice'] = dice(prediction, reference)
   metrics['iou'] = overlap / union
   metrics['precision'] = overlap / predicted_voxels if predicted_voxels else 0.0
   metrics['recall'] = overlap / reference_voxels if reference_voxels else 0.0

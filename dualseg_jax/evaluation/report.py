@@ -71,12 +71,6 @@ class CasesSkipped(DataError):
     return type(self), (str(self), self.summary)
 
 
-def case_name(path: str | pathlib.Path) -> str:
-  """File name without its volume suffix and nnU-Net's channel suffix: `case_001.nii.gz` and
-  `case_001_0000.nii.gz` -> `case_001`."""
-  return io.case_id_from_path(path)
-
-
 def _volume_files(folder: pathlib.Path, what: str) -> dict[str, pathlib.Path]:
   if not folder.is_dir():
     raise DataError(f'{folder} is not a folder: --{what} must be a folder of NIfTI/NRRD label maps')
@@ -86,7 +80,7 @@ def _volume_files(folder: pathlib.Path, what: str) -> dict[str, pathlib.Path]:
       continue
     if path.name.startswith('.'):
       continue  # a half-written output (.NAME.partial) or macOS's ._NAME copy: never a case
-    name = case_name(path)
+    name = io.case_id_from_path(path)  # nnU-Net's case_001_0000 is case_001
     if name.endswith(_NON_LABEL_SUFFIXES):
       continue
     if name in files:
@@ -113,7 +107,7 @@ def load_centers(manifest: str | pathlib.Path) -> dict[str, str]:
         rows = list(csv.DictReader(file))
     centers = {}
     for row in rows:
-      case = row.get('case') or case_name(row.get('label') or row['image'])
+      case = row.get('case') or io.case_id_from_path(row.get('label') or row['image'])
       centers[str(case)] = str(row['center'])
     return centers
   except (KeyError, TypeError, AttributeError, ValueError) as error:

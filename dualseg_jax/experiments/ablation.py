@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from dualseg_jax import config_base
 from dualseg_jax import files
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.experiments import runs
@@ -86,15 +87,9 @@ def variants(ablation: str, config: ml_collections.ConfigDict) -> list[tuple[str
   if ablation not in ABLATIONS:
     raise ConfigError(f'--ablation={ablation!r}: choose one of {sorted(ABLATIONS)} (defined in '
                       'dualseg_jax/experiments/ablation.py::ABLATIONS)')
-
-  def value_of(dotted_key, value):
-    if value is not CONFIG_VALUE:
-      return value
-    node = config
-    for part in dotted_key.split('.'):
-      node = node[part]
-    return node
-  return [(name, {key: value_of(key, value) for key, value in overrides.items()})
+  own_values = config_base.flatten(config)
+  return [(name, {key: own_values[key] if value is CONFIG_VALUE else value
+                  for key, value in overrides.items()})
           for name, overrides in ABLATIONS[ablation]]
 
 

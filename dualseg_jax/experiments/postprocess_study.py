@@ -15,13 +15,15 @@ import numpy as np
 import tqdm
 
 from dualseg_jax import files
+from dualseg_jax import run_dir
+from dualseg_jax import structures
 from dualseg_jax.data import io
+from dualseg_jax.data import pipeline
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.evaluation import metrics as metrics_lib
 from dualseg_jax.experiments import tables
 from dualseg_jax.inference import postprocess
 from dualseg_jax.inference import predictor as predictor_lib
-from dualseg_jax.train import validate
 
 SPLITS = ('val', 'test')
 JSON_NAME, MARKDOWN_NAME = 'postprocess_study.json', 'postprocess_study.md'
@@ -39,7 +41,6 @@ def _check(splits: Sequence[str], rules: Sequence[str]) -> None:
 
 def split_cases(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict[str, list]:
   """The run's labelled validation cases (the list its Validator scored) and test cases."""
-  from dualseg_jax.data import pipeline  # deferred: data modules pull in grain
   pipeline.resolve_data_root(config)
   split = pipeline.prepare(config, workdir).split
   return {'val': [case for case in split.val if case.label_path],
@@ -56,29 +57,28 @@ def score_case(probabilities: np.ndarray, reference: np.ndarray, spacing_mm: Seq
                config: ml_collections.ConfigDict, rules: Sequence[str]
                ) -> dict[str, dict[str, float]]:
   """Dice per rule and structure of one case's (D, H, W, C) probabilities against its 0/1/2
-  reference; a structure absent from both scores 1 (the evaluation report's convention)."""
-  structures = validate.stage_structures(config.stage)
+  reference; a structure absent from both scores 1."""
   scores = {}
   for rule in rules:
     label = postprocess.probabilities_to_label(probabilities, config.stage,
                                                with_rule(config.inference, rule),
                                                spacing_mm=spacing_mm)
-    scores[rule] = {name: validate.dice(metrics_lib.STRUCTURES[name](label),
-                                        metrics_lib.STRUCTURES[name](reference))
-                    for name in structures}
+    scores[rule] = {name: metrics_lib.dice(structures.MASKS[name](label),
+                                           structures.MASKS[name](reference), both_empty=1.0)
+                    for name in structures.stage_structures(config.stage)}
   return scores
 
 
 def summarise(per_case: dict[str, dict[str, dict[str, float]]], rules: Sequence[str],
-              structures: Sequence[str]) -> dict[str, dict]:
+              structure_names: Sequence[str]) -> dict[str, dict]:
   """{rule: {structure: {mean, std, n}, 'mean_dice': mean over structures}} over cases."""
   summary = {}
   for rule in rules:
     cell = {}
-    for name in structures:
+    for name in structure_names:
       mean, std, count = tables.mean_and_std([scores[rule][name] for scores in per_case.values()])
       cell[name] = {'mean': mean, 'std': std, 'n': count}
-    means = [cell[name]['mean'] for name in structures if cell[name]['mean'] is not None]
+    means = [cell[name]['mean'] for name in structure_names if cell[name]['mean'] is not None]
     cell['mean_dice'] = float(np.mean(means)) if means else None
     summary[rule] = cell
   return summary
@@ -102,13 +102,13 @@ def run_study(workdir: str | pathlib.Path, splits: Sequence[str] = ('val',),
   workdir = pathlib.Path(workdir)
   splits, rules = list(dict.fromkeys(splits)), list(dict.fromkeys(rules))
   _check(splits, rules)
-  config = predictor_lib.load_config(workdir)
+  config = run_dir.load_config(workdir)
   cases = split_cases(config, workdir)
   if not cases['val']:
     raise ConfigError(f'{workdir} has no labelled validation case (data.val_fraction='
                       f'{config.data.val_fraction}): nothing can choose the rule')
   predictor = predictor_lib.load_predictor(workdir, checkpoint=checkpoint)
-  structures = validate.stage_structures(config.stage)
+  stage_structures = structures.stage_structures(config.stage)
   report = {'workdir': str(workdir), 'stage': config.stage,
             'checkpoint': checkpoint or config.inference.checkpoint,
             'tta_flips': config.inference.tta_flips if tta_flips is None else tta_flips,
@@ -116,7 +116,7 @@ def run_study(workdir: str | pathlib.Path, splits: Sequence[str] = ('val',),
             'settings': {'threshold': config.inference.threshold,
                          'component_fraction': config.inference.component_fraction,
                          'min_component_mm3': config.inference.min_component_mm3},
-            'rules': rules, 'structures': list(structures), 'splits': {}}
+            'rules': rules, 'structures': list(stage_structures), 'splits': {}}
   for split in splits:
     per_case = {}
     for case in tqdm.tqdm(cases[split], desc=f'{split} cases', unit='case',
@@ -127,7 +127,7 @@ def run_study(workdir: str | pathlib.Path, splits: Sequence[str] = ('val',),
       per_case[case.case_id] = score_case(probabilities, reference.array, image.spacing_mm,
                                           config, rules)
     report['splits'][split] = {'cases': sorted(per_case),
-                               'summary': summarise(per_case, rules, structures),
+                               'summary': summarise(per_case, rules, stage_structures),
                                'per_case': per_case}
   report['preferred_rule'] = preferred_rule(report['splits']['val']['summary'], rules)
   write_report(report, workdir)

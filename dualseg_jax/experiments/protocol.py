@@ -11,13 +11,14 @@ from typing import Callable
 import ml_collections
 
 from dualseg_jax import files
+from dualseg_jax import structures
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.experiments import runs
 from dualseg_jax.experiments import tables
 
 log = logging.getLogger('dualseg_jax')
 
-STRUCTURES = ('pancreas', 'tumour')
+STRUCTURES = structures.NAMES
 # (summary key, column prefix, label, scale for the Markdown table, unit)
 METRICS = (('dice', 'dice', 'Dice', 100.0, '%'), ('hd95_mm', 'hd95_mm', 'HD95', 1.0, 'mm'),
            ('nsd', 'nsd', 'NSD', 100.0, '%'))

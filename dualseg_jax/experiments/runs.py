@@ -1,5 +1,6 @@
-"""Many training runs under one folder: config variants from dotted-key overrides, and running
-each in its own subfolder unless it already finished, so an interrupted experiment resumes."""
+"""Many training runs under one folder: config variants from dotted-key overrides
+(`config_base.with_overrides`), each run in its own subfolder unless it already finished, so an
+interrupted experiment resumes."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Any, Callable
 
 import ml_collections
 
+from dualseg_jax import config_base
 from dualseg_jax import files
-from dualseg_jax.errors import ConfigError
 
 log = logging.getLogger('dualseg_jax')
 
@@ -30,26 +31,6 @@ class RunSpec:
 
 class ExperimentInterrupted(Exception):
   """A run stopped on request (SIGTERM / Ctrl-C); rerunning the same command resumes it."""
-
-
-def with_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]
-                   ) -> ml_collections.ConfigDict:
-  """A copy of `config` with each dotted key (e.g. 'loss.weights.dice') set; unknown keys fail."""
-  variant = ml_collections.ConfigDict(config.to_dict())
-  for dotted_key, value in overrides.items():
-    *parents, leaf = dotted_key.split('.')
-    node = variant
-    for part in parents:
-      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-        raise ConfigError(f'override {dotted_key!r}: the config has no section {part!r}; check '
-                          'the key against dualseg_jax/config_base.py')
-      node = node[part]
-    if leaf not in node:
-      raise ConfigError(f'override {dotted_key!r}: the config has no key {leaf!r}; check the key '
-                        'against dualseg_jax/config_base.py')
-    node[leaf] = value
-  variant.lock()
-  return variant
 
 
 def format_overrides(overrides: dict[str, Any]) -> str:
@@ -97,17 +78,17 @@ def run_all(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
             specs: list[RunSpec], train_fn: Callable | None = None) -> dict[str, pathlib.Path]:
   """Trains and evaluates every spec in workdir/<spec.name>, skipping finished runs.
 
-  `train_fn` defaults to `loop.train_and_evaluate`. Raises ExperimentInterrupted when a run was
-  stopped on request, so no table is written from a half-finished experiment.
+  `train_fn` defaults to `loop.train_and_evaluate`; each run's summary is printed as
+  `launch.train` prints it. Raises ExperimentInterrupted when a run was stopped on request, so no
+  table is written from a half-finished experiment.
   """
   from dualseg_jax.data import pipeline  # deferred: pulls in grain and jax
-  if train_fn is None:
-    from dualseg_jax.train import loop
-    train_fn = loop.train_and_evaluate
+  from dualseg_jax.train import loop
+  train_fn = train_fn or loop.train_and_evaluate
   workdir = pathlib.Path(workdir)
   folders = {}
   for index, spec in enumerate(specs, start=1):
-    run_config = with_overrides(config, spec.overrides)
+    run_config = config_base.with_overrides(config, spec.overrides)
     # The resolved root goes into config.json, so the finished check compares like with like.
     with run_config.unlocked():
       pipeline.resolve_data_root(run_config)
@@ -118,6 +99,7 @@ def run_all(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
       continue
     log.info('[%d/%d] %s: %s', index, len(specs), spec.name, format_overrides(spec.overrides))
     result = train_fn(run_config, run_dir)
+    loop.print_summary(result)
     if result.stopped_early:
       raise ExperimentInterrupted(f'run {run_dir} stopped at step {result.final_step}; rerun the '
                                   'same command to resume it and the runs after it')

@@ -17,15 +17,18 @@ import math
 import pathlib
 from typing import Any
 
+from absl import logging as absl_logging
+import flax.serialization
 import jax
 import ml_collections
 import numpy as np
 
 from dualseg_jax import files
+from dualseg_jax import run_dir
 from dualseg_jax.errors import ConfigError, DataError
 
 PARAMS_FILE = 'params.msgpack'
-CONFIG_FILE = 'config.json'
+CONFIG_FILE = run_dir.CONFIG_FILE  # named as a run's, so run_dir.load_config reads both
 MODEL_FILE = 'model.json'
 CARD_FILE = 'model_card.md'
 FORMAT = 'dualseg-jax model'
@@ -81,10 +84,6 @@ def export_model(workdir: str | pathlib.Path, out_dir: str | pathlib.Path,
   """Writes the parameters of the run's `checkpoint` ('best', falling back to the latest when no
   validation has run, or 'latest') with its config and a model card to `out_dir`; returns what
   model.json holds."""
-  import flax.serialization  # deferred: reading a model's description needs no flax
-  from absl import logging as absl_logging
-  from dualseg_jax.inference import predictor  # deferred: predictor imports this module
-  from dualseg_jax.train import checkpoint as checkpoint_lib  # deferred: orbax and grain
   workdir, out_dir = pathlib.Path(workdir), pathlib.Path(out_dir)
   if checkpoint not in ('best', 'latest'):
     raise ConfigError(f'checkpoint = {checkpoint!r}: choose best or latest')
@@ -96,18 +95,18 @@ def export_model(workdir: str | pathlib.Path, out_dir: str | pathlib.Path,
   if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
     raise DataError(f'{out_dir} exists and is not empty: choose a new --out folder, or pass '
                     '--overwrite to replace the model there')
-  config = predictor.load_config(workdir)
+  config = run_dir.load_config(workdir)
   verbosity = absl_logging.get_verbosity()
   absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax narrates every restore
   try:
-    params, step = checkpoint_lib.restore_params(workdir, which=checkpoint)
+    params, step = run_dir.restore_params(workdir, which=checkpoint)
   finally:
     absl_logging.set_verbosity(verbosity)
   params = jax.tree.map(np.asarray, flax.serialization.to_state_dict(params))
   params_bytes = flax.serialization.msgpack_serialize(params)
   source_folder = ('best' if checkpoint == 'best' and (workdir / 'best' / str(step)).is_dir()
                    else 'checkpoints')
-  checkpoint_bytes = checkpoint_lib.bytes_on_disk(workdir / source_folder / str(step))
+  checkpoint_bytes = run_dir.bytes_on_disk(workdir / source_folder / str(step))
   info = {
       'format': FORMAT,
       'format_version': FORMAT_VERSION,
@@ -229,7 +228,6 @@ def read_info(model_dir: str | pathlib.Path) -> dict:
 def load_params(model_dir: str | pathlib.Path) -> tuple[Any, dict]:
   """(parameters as NumPy arrays, model.json) of an exported model; the parameters' bytes are
   checked against the sha256 written at export."""
-  import flax.serialization  # deferred: reading a model's description needs no flax
   model_dir = pathlib.Path(model_dir)
   info = read_info(model_dir)
   path = model_dir / PARAMS_FILE

@@ -12,6 +12,7 @@ from typing import Sequence
 import ml_collections
 
 from dualseg_jax.errors import ConfigError
+from dualseg_jax.inference import postprocess
 
 SECTION = 'inference'
 _TRUE, _FALSE = ('true', '1', 'yes'), ('false', '0', 'no')
@@ -69,7 +70,6 @@ def apply(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.
 
 def check(inference_config: ml_collections.ConfigDict) -> None:
   """Impossible prediction settings fail here, naming the key, before a network is restored."""
-  from dualseg_jax.inference import postprocess  # deferred: needs scipy, this module needs none
   settings = inference_config
   if not 0.0 <= settings.overlap < 1.0:
     raise ConfigError(f'inference.overlap = {settings.overlap}: choose a fraction in [0, 1)')

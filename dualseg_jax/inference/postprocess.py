@@ -10,9 +10,10 @@ import ml_collections
 import numpy as np
 import scipy.ndimage as ndimage
 
+from dualseg_jax import structures
 from dualseg_jax.errors import ConfigError
+from dualseg_jax.structures import PANCREAS, TUMOUR
 
-BACKGROUND, PANCREAS, TUMOUR = 0, 1, 2
 COMPONENT_RULES = ('none', 'largest', 'fraction', 'min_volume', 'largest_probability_mass')
 # 26-connectivity: voxels touching at a face, an edge or a corner belong to one component.
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
@@ -77,17 +78,6 @@ def dilate_voxels(mask: np.ndarray, radius_vox: float) -> np.ndarray:
   return dilated
 
 
-def channels_for_stage(stage: str) -> tuple[int, ...]:
-  """The label each output channel of a stage stands for (see docs/design.md)."""
-  if stage == 'joint':
-    return (PANCREAS, TUMOUR)
-  if stage.startswith('pancreas'):
-    return (PANCREAS,)
-  if stage.startswith('tumour'):
-    return (TUMOUR,)
-  raise ConfigError(f'stage = {stage!r}: choose joint, pancreas_coarse/fine or tumour_coarse/fine')
-
-
 def probabilities_to_label(probabilities: np.ndarray, stage: str,
                            inference_config: ml_collections.ConfigDict,
                            pancreas_mask: np.ndarray | None = None,
@@ -100,7 +90,7 @@ def probabilities_to_label(probabilities: np.ndarray, stage: str,
   empty pancreas then removes every tumour), filtered, and written over the pancreas: tumour
   voxels are labelled 2 and count as pancreas. A tumour-only stage restricts to `pancreas_mask` when one is given (the cascade).
   """
-  channel_labels = channels_for_stage(stage)
+  channel_labels = structures.stage_labels(stage)
   if probabilities.shape[-1] != len(channel_labels):
     raise ConfigError(f'stage {stage!r} expects {len(channel_labels)} output channels but the '
                       f'model gives {probabilities.shape[-1]}: check model.num_classes')

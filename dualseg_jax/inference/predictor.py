@@ -7,7 +7,6 @@ exported model; `load_ensemble(paths)` averages several.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import pathlib
 from typing import Any, Callable, Sequence
@@ -16,13 +15,17 @@ import jax
 import ml_collections
 import numpy as np
 
+from dualseg_jax import run_dir
 from dualseg_jax.data import preprocess as preprocess_lib
 from dualseg_jax.data.volume import Volume
-from dualseg_jax.errors import ConfigError, DataError
+from dualseg_jax.errors import ConfigError
 from dualseg_jax.inference import model_dir as model_dir_lib
 from dualseg_jax.inference import overrides as overrides_lib
 from dualseg_jax.inference import postprocess
 from dualseg_jax.inference import sliding_window
+from dualseg_jax.models import build_model
+# A run's or an exported model's config.json, which every Predictor is built from.
+from dualseg_jax.run_dir import load_config
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,6 @@ ApplyFn = Callable[[Any, jax.Array], dict]  # (variables, windows) -> dict(logit
 
 
 def _model_apply_fn(model_config: ml_collections.ConfigDict) -> ApplyFn:
-  from dualseg_jax.models import build_model  # deferred: only a real model needs flax modules
   model = build_model(model_config)
   return lambda variables, windows: model.apply(variables, windows, train=False)
 
@@ -199,39 +201,6 @@ class EnsemblePredictor:
     return outputs
 
 
-def _merge_into(base: ml_collections.ConfigDict, saved: dict) -> None:
-  """Overlays a saved config on the defaults, so keys added since the run keep their defaults."""
-  for key, value in saved.items():
-    if key in base and isinstance(base[key], ml_collections.ConfigDict) and isinstance(value, dict):
-      _merge_into(base[key], value)
-    elif key in base and isinstance(base[key], tuple) and isinstance(value, list):
-      base[key] = tuple(value)
-    else:
-      base[key] = value
-
-
-def load_config(workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
-  """The resolved config a run (or an exported model) wrote to workdir/config.json, on top of
-  today's defaults."""
-  from dualseg_jax import config_base
-  path = pathlib.Path(workdir) / 'config.json'
-  if not path.exists():
-    raise DataError(f'{path} does not exist: --workdir must be a training run directory '
-                    '(it holds config.json and checkpoints/) or an exported model (launch.export)')
-  try:
-    saved = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as error:
-    raise DataError(
-        f'{path} is not readable JSON ({error}); rewrite it or use another run') from error
-  config = config_base.base_config()
-  try:
-    # A key the run predates holds what the run computed, not today's default.
-    _merge_into(config, config_base.with_earlier_values(saved))
-  except TypeError as error:
-    raise ConfigError(f'{path}: a value has the wrong type for its key ({error})') from error
-  return config
-
-
 def load_model_config(path: str | pathlib.Path, checkpoint: str | None = None,
                       inference_overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """The config a Predictor of `path` (a run directory or an exported model) predicts with:
@@ -269,9 +238,7 @@ def load_predictor(workdir: str | pathlib.Path, checkpoint: str | None = None,
     params, _ = model_dir_lib.load_params(workdir)
     # On the device once: the jitted apply takes the parameters as an argument at every batch.
     return Predictor(config, jax.device_put(params))
-  from dualseg_jax.train.checkpoint import restore_params  # deferred: pulls in orbax and grain
-  params, _ = restore_params(pathlib.Path(workdir),
-                             which=checkpoint or config.inference.checkpoint)
+  params, _ = run_dir.restore_params(workdir, which=checkpoint or config.inference.checkpoint)
   return Predictor(config, params)
 
 

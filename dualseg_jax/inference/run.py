@@ -22,7 +22,7 @@ from dualseg_jax import locks
 from dualseg_jax.data import io
 from dualseg_jax.data.volume import Volume
 from dualseg_jax.errors import ConfigError, DataError
-from dualseg_jax.experiments import cascade as cascade_lib
+from dualseg_jax.inference import cascade as cascade_lib
 from dualseg_jax.inference.predictor import (Predictor, check_averageable, load_ensemble,
                                               load_model_config)
 
@@ -53,12 +53,6 @@ class Case:
   source: pathlib.Path  # a volume file or a DICOM series folder
 
 
-def case_name(path: pathlib.Path) -> str:
-  """File name without its volume suffix and nnU-Net's channel suffix (`a.nii.gz`,
-  `a_0000.nii.gz` -> `a`, the name of its label); a DICOM folder keeps its name."""
-  return io.case_id_from_path(path)
-
-
 def find_cases(input_path: str | pathlib.Path) -> list[Case]:
   """A volume file, a folder of volume files (each a case) or a DICOM series folder (one case)."""
   input_path = pathlib.Path(input_path)
@@ -66,13 +60,13 @@ def find_cases(input_path: str | pathlib.Path) -> list[Case]:
     raise DataError(f'{input_path} does not exist: --input must be a NIfTI/NRRD file, a folder of '
                     'them, or a DICOM series folder')
   if input_path.is_file():
-    return [Case(case_name(input_path), input_path)]
+    return [Case(io.case_id_from_path(input_path), input_path)]
   # Hidden files are never cases: half-written outputs (.NAME.partial), macOS's ._NAME copies.
   volume_files = sorted(path for path in input_path.iterdir()
                         if path.is_file() and not path.name.startswith('.')
                         and any(path.name.lower().endswith(s) for s in VOLUME_SUFFIXES))
   if volume_files:
-    cases = [Case(case_name(path), path) for path in volume_files]
+    cases = [Case(io.case_id_from_path(path), path) for path in volume_files]
     names = [case.name for case in cases]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
@@ -272,21 +266,32 @@ def predict_cases_with_cascade(predictors: dict[str, cascade_lib.StagePredictor]
 
   with locks.hold(output_dir, LOCK_PURPOSE):
     planned = plan_outputs(input_path, output_dir, overwrite=overwrite, notes=True, resume=resume)
-    return _predict_planned_with_cascade(predict, planned, resume)
+    predict_planned_with_cascade(predict, planned, resume)
+    return [paths for _, paths in planned]
 
 
-def _predict_planned_with_cascade(predict: Callable[[Volume], cascade_lib.CascadeOutput],
-                                  planned: Planned, resume: bool) -> list[dict[str, pathlib.Path]]:
+def predict_planned_with_cascade(predict: Callable[[Volume], cascade_lib.CascadeOutput],
+                                 planned: Planned, resume: bool = False,
+                                 should_stop: StopFn | None = None) -> dict[str, list[str]]:
+  """Predicts the cases `plan_outputs` planned with the cascade's `predict` (e.g.
+  CascadeSpec.predict with the stage predictors), for a caller that holds the output folder's
+  lock: each case's label map and, where planned, its notes file. `should_stop` is asked before
+  each case (the four stages run whole). Returns the notes of each case predicted, by name."""
+  notes = {}
+
   def predict_and_write(case, paths, check_stop):
     del check_stop  # the four stages run whole; the next case is where a stop takes effect
     volume = io.read_volume(case.source)
     output = predict(volume)
-    _write_notes(paths['notes'], case, output)  # the label last: see predict_planned
+    if 'notes' in paths:
+      _write_notes(paths['notes'], case, output)  # the label last: see predict_planned
     io.write_nifti(output.label, volume.geometry, paths['label'], dtype=np.uint8)
+    notes[case.name] = output.notes
     for note in output.notes:
       log.warning('%s: %s', case.name, note)
 
-  return _predict_each(planned, predict_and_write, resume, should_stop=None, show_progress=True)
+  _predict_each(planned, predict_and_write, resume, should_stop, show_progress=True)
+  return notes
 
 
 def _write_notes(path: pathlib.Path, case: Case, output: cascade_lib.CascadeOutput) -> None:
@@ -314,5 +319,6 @@ def predict_with_cascade(spec_path: str | pathlib.Path, input_path: str | pathli
     if resume and _all_complete(planned, output_dir):
       return [paths for _, paths in planned]
     predictors = cascade_lib.load_predictors(spec, checkpoint=checkpoint)
-    return _predict_planned_with_cascade(
+    predict_planned_with_cascade(
         lambda volume: spec.predict(volume, predictors, tta_flips=tta_flips), planned, resume)
+    return [paths for _, paths in planned]

@@ -4,7 +4,7 @@
 item `data`: the Grain iterator; item `checksums`: a CRC32 per state array, since Orbax keeps
 none of array values). `workdir/best/` keeps the one with the best validation Dice. A latest
 checkpoint that cannot be read, or whose arrays no longer match their checksums, is reported and
-the one before it is used.
+the one before it is used. Reading a run's parameters back for inference is `run_dir`'s.
 """
 
 from __future__ import annotations
@@ -12,56 +12,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import pathlib
-import zlib
 from typing import Any
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from dualseg_jax import files
+from dualseg_jax import run_dir
+from dualseg_jax.run_dir import state_checksums
+# Training's own callers (the loop, its checks) read a run's disk use and parameters from here.
+from dualseg_jax.run_dir import bytes_on_disk, restore_params
 
 log = logging.getLogger(__name__)
-
-
-class CorruptCheckpointError(ValueError):
-  """A checkpoint that restores without error but whose arrays differ from what was saved."""
-
-
-def state_checksums(state) -> dict[str, str]:
-  """A CRC32 of every array's bytes, keyed by its path in the tree: found after a restore,
-  a difference means the files changed after the save (a bad disk, a partial copy)."""
-  checksums = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-    # Replicated arrays: the first local copy holds the whole value, on every host.
-    value = leaf.addressable_data(0) if isinstance(leaf, jax.Array) else leaf
-    checksums[_path_name(path)] = f'{zlib.crc32(np.ascontiguousarray(value).tobytes()):08x}'
-  return checksums
-
-
-def _path_name(path) -> str:
-  # Restored without a template, dataclasses and tuples come back as dicts: name every level alike.
-  parts = []
-  for entry in path:
-    for attribute in ('name', 'key', 'idx'):
-      if hasattr(entry, attribute):
-        parts.append(str(getattr(entry, attribute)))
-        break
-    else:
-      parts.append(str(entry))
-  return '/'.join(parts)
-
-
-def _check_checksums(manager: ocp.CheckpointManager, step: int, state) -> None:
-  """Raises CorruptCheckpointError naming the arrays whose bytes changed since the save."""
-  if not (pathlib.Path(manager.directory) / str(step) / 'checksums').exists():
-    return  # saved before checksums were written
-  saved = manager.restore(step, args=ocp.args.Composite(checksums=ocp.args.JsonRestore()))['checksums']
-  changed = sorted(name for name, value in state_checksums(state).items() if saved.get(name) != value)
-  if changed:
-    raise CorruptCheckpointError(f'{len(changed)} array(s) differ from their checksum at save time: '
-                                 + ', '.join(changed[:5]) + (' ...' if len(changed) > 5 else ''))
 
 
 def _manager(directory: pathlib.Path, max_to_keep: int, with_data: bool) -> ocp.CheckpointManager:
@@ -132,10 +95,10 @@ class Checkpointer:
         args['data'] = grain.checkpoint.CheckpointRestore(iterator)
       try:
         restored = self.latest.restore(step, args=ocp.args.Composite(**args))
-        _check_checksums(self.latest, step, restored['state'])
+        run_dir.check_checksums(self.latest, step, restored['state'])
       except Exception as error:  # a partial or corrupted save: fall back to the previous one
         log.warning('checkpoint at step %d in %s cannot be restored (%s: %s); trying an older one',
-                    step, self.latest.directory, type(error).__name__, _first_line(error))
+                    step, self.latest.directory, type(error).__name__, run_dir.first_line(error))
         self.unreadable_steps.add(step)
         continue
       return restored['state'], step
@@ -167,60 +130,3 @@ def complete_steps(workdir: pathlib.Path) -> list[int]:
   if not directory.is_dir():
     return []
   return sorted(int(path.name) for path in directory.iterdir() if path.name.isdigit())
-
-
-def bytes_on_disk(folder: pathlib.Path) -> int:
-  """Bytes of the files under `folder` (0 when it does not exist)."""
-  return sum(path.stat().st_size for path in pathlib.Path(folder).rglob('*') if path.is_file())
-
-
-def _first_line(error: Exception, limit: int = 300) -> str:
-  """TensorStore errors carry a page-long spec: the first line says what is wrong."""
-  text = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
-  return text if len(text) <= limit else text[:limit] + '...'
-
-
-def _on_this_device(manager: ocp.CheckpointManager, step: int):
-  """A restore target for the saved state on this process's first device, whatever the number
-  of devices that saved it (a run trained on 8 GPUs is predicted with on one)."""
-  from absl import logging as absl_logging
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  verbosity = absl_logging.get_verbosity()
-  absl_logging.set_verbosity(absl_logging.ERROR)  # it names every item it is not asked for
-  try:
-    metadata = manager.item_metadata(step)['state']
-    metadata = getattr(metadata, 'tree', metadata)
-  finally:
-    absl_logging.set_verbosity(verbosity)
-  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
-                      metadata, is_leaf=lambda leaf: hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'))
-
-
-def restore_params(workdir: pathlib.Path, which: str = 'best') -> tuple[Any, int]:
-  """The parameters of a finished or running training run, for inference.
-
-  `which` is 'best' (falling back to the latest when no validation has run) or 'latest'.
-  """
-  workdir = pathlib.Path(workdir)
-  order = ['best', 'checkpoints'] if which == 'best' else ['checkpoints']
-  for folder in order:
-    directory = workdir / folder
-    if not directory.exists():
-      continue
-    manager = ocp.CheckpointManager(directory.absolute(), item_names=('state', 'checksums'),
-                                    item_handlers={'state': ocp.StandardCheckpointHandler(),
-                                                   'checksums': ocp.JsonCheckpointHandler()},
-                                    options=ocp.CheckpointManagerOptions(read_only=True))
-    for step in sorted(manager.all_steps(), reverse=True):
-      try:
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_on_this_device(manager, step))))
-        _check_checksums(manager, step, restored['state'])
-      except Exception as error:
-        log.warning('checkpoint %s/%d cannot be restored (%s); trying an older one', folder, step,
-                    _first_line(error))
-        continue
-      return restored['state']['params'], step
-  from dualseg_jax.errors import DataError
-  raise DataError(f'no readable checkpoint under {workdir}/best or {workdir}/checkpoints: '
-                  'train first (python -m launch.train --workdir=...) or point --workdir at a run')

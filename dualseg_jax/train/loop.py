@@ -15,7 +15,6 @@ import shutil
 import sys
 import time
 import warnings
-from typing import Any
 
 import jax
 import ml_collections
@@ -24,7 +23,6 @@ from tqdm import tqdm
 from dualseg_jax import config_base
 from dualseg_jax import files
 from dualseg_jax import locks
-from dualseg_jax import presets
 from dualseg_jax import signals
 from dualseg_jax.errors import ConfigError, StorageError
 from dualseg_jax.train import balance as balance_lib
@@ -44,23 +42,13 @@ _RESUMABLE_CHANGES = ('train.steps', 'train.log_every', 'train.eval_every', 'tra
                       'model.conv_impl', 'model.subsample_stride', 'model.remat')
 
 
-def _flatten(tree: dict, prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    name = f'{prefix}{key}'
-    if isinstance(value, dict):
-      flat.update(_flatten(value, name + '.'))
-    else:
-      flat[name] = value
-  return flat
-
-
 def config_differences(saved: dict, current: dict) -> list[str]:
   """Keys whose values differ between two config dicts, ignoring those a resume may change and
   keys added to the project after the run started that hold their default (the run computed
   what the default computes)."""
-  saved_flat, current_flat = _flatten(config_base.with_earlier_values(saved)), _flatten(current)
-  defaults = _flatten(json.loads(config_base.base_config().to_json_best_effort()))
+  saved_flat = config_base.flatten(config_base.with_earlier_values(saved))
+  current_flat = config_base.flatten(current)
+  defaults = config_base.flatten(json.loads(config_base.base_config().to_json_best_effort()))
   differences = []
   for key in sorted(set(saved_flat) | set(current_flat)):
     if any(key == allowed or key.startswith(allowed + '.') for allowed in _RESUMABLE_CHANGES):
@@ -107,8 +95,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f'{tuple(config.data.centers)}')
 
 
-def default_workdir(config: ml_collections.ConfigDict, config_path: str = '') -> pathlib.Path:
-  name = pathlib.Path(config_path.split(':')[0]).stem if config_path else 'run'
+def default_workdir(config: ml_collections.ConfigDict, name: str = 'run') -> pathlib.Path:
+  """runs/<name>-<stage>-<preset>-test_<center> (or -fold<k>), `name` the config file's."""
   held_out = (f'test_{config.data.test_center}' if config.data.fold < 0
               else f'fold{config.data.fold}')
   return pathlib.Path('runs') / f'{name}-{config.stage}-{config.preset}-{held_out}'
@@ -225,21 +213,42 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   resolved_config = _check_workdir(config, workdir, allow_config_change)
   _check_free_space(config, workdir)
   log.info('preset %s; stage %s; workdir %s', config.preset, config.stage, workdir)
-
   mesh = mesh or parallel.make_mesh()
   local_batch = parallel.check_global_batch(config.data.batch_size, mesh)
   data = pipeline.prepare(config, workdir)
-  patch_size = tuple(config.data.patch_size)
 
-  rng = jax.random.PRNGKey(config.seed)
-  model, state, optimizer = step_lib.create_train_state(config, rng, patch_size)
+  trained = _train(config, workdir, data, mesh, local_batch, resolved_config, stop_at_step, cleanup)
+  test_summary, stopped_early = None, trained.stopped_early
+  if not stopped_early and config.train.evaluate_test_center and jax.process_index() == 0:
+    test_summary, stopped_early = _evaluate_held_out(
+        config, workdir, data, finished_earlier=trained.start_step == config.train.steps)
+  return RunResult(workdir=workdir, final_step=trained.final_step,
+                   wall_time_s=time.time() - started, stopped_early=stopped_early,
+                   best_val_dice=trained.best_val_dice, test_summary=test_summary)
+
+
+@dataclasses.dataclass
+class _Training:
+  start_step: int  # where this command began: 0, or the checkpoint it resumed from
+  final_step: int
+  stopped_early: bool
+  best_val_dice: float | None
+
+
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, data, mesh, local_batch: int,
+           resolved_config: dict, stop_at_step: int | None,
+           cleanup: contextlib.ExitStack) -> _Training:
+  """Trains from the latest checkpoint in `workdir` (or from the start) to train.steps, validating
+  and checkpointing on the way; a stop request (or `stop_at_step`) saves a checkpoint and returns."""
+  from dualseg_jax.data import pipeline  # deferred: data modules pull in grain and scipy
+
+  model, state, optimizer = step_lib.create_train_state(
+      config, jax.random.PRNGKey(config.seed), tuple(config.data.patch_size))
   state = parallel.replicate(state, mesh)
   iterator = pipeline.train_iterator(config, data, local_batch)
-
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   cleanup.callback(checkpointer.settle)  # an error leaves no save running into interpreter exit
-  restored = checkpointer.restore(state, iterator)
-  start_step = 0
+  start_step, restored = 0, checkpointer.restore(state, iterator)
   if restored is not None:
     state, start_step = restored
     log.info('resumed from the checkpoint at step %d', start_step)
@@ -251,125 +260,150 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                                      write=jax.process_index() == 0)
   best_dice = max((row['val/dice_mean'] for row in metrics_log.rows
                    if row.get('val/dice_mean') is not None), default=None)
-
-  augment_fn = pipeline.device_augmentation(config)
-  train_step = jax.jit(
-      step_lib.make_train_step(model, config, optimizer, augment_fn=augment_fn),
-      donate_argnums=0, out_shardings=(_shardings_for(state, mesh), parallel.replicated_sharding(mesh)))
-  balance_every = config.train.grad_balance_every
-  # Per-term gradient norms on the encoder, for the same inputs as the step that follows.
-  encoder_balance = (jax.jit(balance_lib.make_balance_fn(model, config, augment_fn),
-                             out_shardings=parallel.replicated_sharding(mesh))
-                     if balance_every else None)
+  train_step, encoder_balance = _compiled_steps(config, model, optimizer, state, mesh)
   sharding = parallel.batch_sharding(mesh)
   validator = validate_lib.Validator(config, model, data.split.val, mesh)
-
-  total_steps = config.train.steps
-  pending = None  # (step, device metrics) fetched one step late so the host never stalls the device
-  stopped_early = False
-  bar = tqdm(total=total_steps, initial=start_step, desc=f'train {config.stage}', unit='step',
+  settings = config.train
+  bar = tqdm(total=settings.steps, initial=start_step, desc=f'train {config.stage}', unit='step',
              dynamic_ncols=True, disable=jax.process_index() != 0)
-  window_start, window_steps = time.time(), 0
-
-  def flush(pending_metrics):
-    nonlocal window_start, window_steps
-    step, device_metrics = pending_metrics
-    host = {name: float(value) for name, value in jax.device_get(device_metrics).items()}
-    elapsed = time.time() - window_start
-    host['steps_per_s'] = window_steps / elapsed if elapsed > 0 else 0.0
-    window_start, window_steps = time.time(), 0
-    row = metrics_log.write(step, host)
-    bar.set_postfix(reporting.format_progress(row), refresh=False)
+  writer = _OneStepLateWriter(metrics_log, bar)
+  step, stopped_early = start_step, False
 
   # Closing the bar on an error ends its line, so that the error's message starts a line of its own.
   with signals.StopOnSignal('saving a checkpoint, then stopping') as stop, bar:
-    step = start_step
-    while step < total_steps:
+    while step < settings.steps:
       batch = parallel.to_global_batch(next(iterator), sharding)
       # Read before the step donates the state; logged with the row of the step it describes.
-      balance = (encoder_balance(state, batch)
-                 if balance_every and (step + 1) % balance_every == 0 else None)
+      balance = (encoder_balance(state, batch) if encoder_balance is not None
+                 and (step + 1) % settings.grad_balance_every == 0 else None)
       state, metrics = train_step(state, batch)
       step += 1
-      window_steps += 1
-      bar.update(1)
-      if pending is not None:
-        flush(pending)
-        pending = None
-      if step % config.train.log_every == 0 or step == total_steps or balance is not None:
-        pending = (step, metrics if balance is None else {**metrics, **balance})
+      last = step == settings.steps
+      logged = step % settings.log_every == 0 or last
+      writer.step_done(step, ({**metrics, **balance} if balance is not None
+                              else metrics if logged else None))
       # Reading the counter waits for the step; doing it only at log steps keeps the host one
       # batch ahead of the device in between. Skipped steps leave the parameters as they were,
       # so a late stop still saves the last good parameters.
-      check_bad = config.train.max_bad_steps and (step % config.train.log_every == 0
-                                                  or step == total_steps)
-      bad_in_a_row = int(state.bad_steps) if check_bad else 0
-      if config.train.max_bad_steps and bad_in_a_row >= config.train.max_bad_steps:
-        if pending is not None:
-          flush(pending)
-          pending = None
-        checkpointer.save(step, state, iterator, force=True)
-        checkpointer.wait()
-        bar.close()
-        raise FloatingPointError(
-            f'{bad_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient; '
-            f'the state of the last good step is saved in {workdir}/checkpoints. Lower '
-            '--config.optim.learning_rate or check the data for NaN voxels.')
-      if config.train.eval_every and (step % config.train.eval_every == 0 or step == total_steps):
-        if pending is not None:
-          flush(pending)
-          pending = None
-        scores = validator.run(state.params)
-        if scores:
-          metrics_log.write(step, {f'val/{k}': v for k, v in scores.items()})
-          dice = scores.get('dice_mean')
-          bar.write(f'step {step}: validation ' + ', '.join(f'{k} {v:.4f}' for k, v in scores.items()))
-          if dice is not None and (best_dice is None or dice > best_dice):
-            best_dice = dice
-            checkpointer.save_best(step, state)
-        if jax.process_index() == 0:
-          reporting.plot_curves(metrics_log.rows, workdir / 'curves.png')
+      if logged and settings.max_bad_steps and int(state.bad_steps) >= settings.max_bad_steps:
+        _save_and_stop_on_bad_steps(step, state, iterator, checkpointer, writer, workdir)
+      if settings.eval_every and (step % settings.eval_every == 0 or last):
+        writer.flush()
+        best_dice = _validate(validator, step, state, writer, checkpointer, best_dice, workdir)
       stopping = stop.requested or step == stop_at_step
-      if pending is not None and (stopping or step % config.train.checkpoint_every == 0
-                                  or step == total_steps):
+      checkpoint_due = step % settings.checkpoint_every == 0 or last
+      if stopping or checkpoint_due:
         # The step's metrics row goes out before its checkpoint: a kill between the two must not
         # leave a checkpoint that resumes past a row metrics.jsonl never got.
-        flush(pending)
-        pending = None
-      if step % config.train.checkpoint_every == 0 or step == total_steps:
+        writer.flush()
+      if checkpoint_due:
         checkpointer.save(step, state, iterator)
       if stopping:
         checkpointer.save(step, state, iterator, force=True)
         stopped_early = True
         break
-    if pending is not None:
-      flush(pending)
-  bar.close()
+    writer.flush()
   checkpointer.wait()
   if jax.process_index() == 0 and metrics_log.rows:
     reporting.plot_curves(metrics_log.rows, workdir / 'curves.png')
-
   checkpointer.close()
-  test_summary = None
-  if not stopped_early and config.train.evaluate_test_center and jax.process_index() == 0:
-    report_dir = workdir / 'evaluation' / data.test_tag
-    finished_report = _complete_report(report_dir / 'summary.json')
-    if start_step == total_steps and finished_report is not None:
-      # A finished run asked again: its report stands (rerunning never repeats finished work).
-      test_summary = finished_report
-      test_summary.update(report_dir=str(report_dir), table=(report_dir / 'summary.md').read_text())
-    else:
-      try:
-        with files.writing('the held-out evaluation', report_dir):
-          test_summary = validate_lib.evaluate_test_center(config, workdir, data.split.test,
-                                                           tag=data.test_tag)
-      except validate_lib.HeldOutEvaluationStopped:
-        stopped_early = True  # it logged what is kept; rerunning the command finishes the report
   metrics_log.close()
-  result = RunResult(workdir=workdir, final_step=step, wall_time_s=time.time() - started,
-                     stopped_early=stopped_early, best_val_dice=best_dice, test_summary=test_summary)
-  _print_summary(result)
-  return result
+  return _Training(start_step, step, stopped_early, best_dice)
+
+
+def _compiled_steps(config: ml_collections.ConfigDict, model, optimizer, state, mesh):
+  """The jitted training step (donating the state) and, every train.grad_balance_every steps, the
+  per-term gradient norms on the encoder for the same inputs as the step that follows (else None)."""
+  from dualseg_jax.data import pipeline  # deferred: data modules pull in grain and scipy
+  augment_fn = pipeline.device_augmentation(config)
+  train_step = jax.jit(
+      step_lib.make_train_step(model, config, optimizer, augment_fn=augment_fn),
+      donate_argnums=0, out_shardings=(_shardings_for(state, mesh), parallel.replicated_sharding(mesh)))
+  encoder_balance = (jax.jit(balance_lib.make_balance_fn(model, config, augment_fn),
+                             out_shardings=parallel.replicated_sharding(mesh))
+                     if config.train.grad_balance_every else None)
+  return train_step, encoder_balance
+
+
+class _OneStepLateWriter:
+  """Writes a step's metrics row once the next step is queued: reading device values then waits
+  for a step that has finished, never for the one running, so the host never stalls the device.
+  Keeps the progress bar and the steps/s of each logged window."""
+
+  def __init__(self, metrics_log: reporting.MetricsLog, bar: tqdm):
+    self.metrics_log, self.bar = metrics_log, bar
+    self._held = None  # (step, device metrics) not yet read
+    self._window_start, self._window_steps = time.time(), 0
+
+  def step_done(self, step: int, device_metrics: dict | None) -> None:
+    """Counts a finished step, writes the row held from the step before, and holds this step's
+    metrics (None: the step logs nothing)."""
+    self._window_steps += 1
+    self.bar.update(1)
+    self.flush()
+    if device_metrics is not None:
+      self._held = (step, device_metrics)
+
+  def flush(self) -> None:
+    """Writes the held row now: before a checkpoint, a validation, an error, the end."""
+    if self._held is None:
+      return
+    step, device_metrics = self._held
+    host = {name: float(value) for name, value in jax.device_get(device_metrics).items()}
+    elapsed = time.time() - self._window_start
+    host['steps_per_s'] = self._window_steps / elapsed if elapsed > 0 else 0.0
+    self._window_start, self._window_steps = time.time(), 0
+    row = self.metrics_log.write(step, host)
+    self._held = None
+    self.bar.set_postfix(reporting.format_progress(row), refresh=False)
+
+
+def _save_and_stop_on_bad_steps(step: int, state, iterator, checkpointer, writer, workdir):
+  """Saves the state of the last good step (a skipped step leaves the parameters as they were)
+  and ends the run with an error that says what to change."""
+  bad_in_a_row = int(state.bad_steps)
+  writer.flush()
+  checkpointer.save(step, state, iterator, force=True)
+  checkpointer.wait()
+  raise FloatingPointError(
+      f'{bad_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient; '
+      f'the state of the last good step is saved in {workdir}/checkpoints. Lower '
+      '--config.optim.learning_rate or check the data for NaN voxels.')
+
+
+def _validate(validator, step: int, state, writer: _OneStepLateWriter, checkpointer,
+              best_dice: float | None, workdir: pathlib.Path) -> float | None:
+  """Scores the validation cases, keeps the state in best/ when its Dice is the best so far, and
+  redraws the curves; returns the best Dice."""
+  scores = validator.run(state.params)
+  if scores:
+    writer.metrics_log.write(step, {f'val/{k}': v for k, v in scores.items()})
+    writer.bar.write(f'step {step}: validation ' + ', '.join(f'{k} {v:.4f}' for k, v in scores.items()))
+    dice = scores.get('dice_mean')
+    if dice is not None and (best_dice is None or dice > best_dice):
+      best_dice = dice
+      checkpointer.save_best(step, state)
+  if jax.process_index() == 0:
+    reporting.plot_curves(writer.metrics_log.rows, workdir / 'curves.png')
+  return best_dice
+
+
+def _evaluate_held_out(config: ml_collections.ConfigDict, workdir: pathlib.Path, data,
+                       finished_earlier: bool) -> tuple[dict | None, bool]:
+  """The held-out center's report and whether a stop request cut it short. An interrupted
+  report resumes with the cases it has not predicted; a finished run asked again keeps its own."""
+  report_dir = workdir / 'evaluation' / data.test_tag
+  finished_report = _complete_report(report_dir / 'summary.json')
+  if finished_earlier and finished_report is not None:
+    # A finished run asked again: its report stands (rerunning never repeats finished work).
+    finished_report.update(report_dir=str(report_dir), table=(report_dir / 'summary.md').read_text())
+    return finished_report, False
+  try:
+    with files.writing('the held-out evaluation', report_dir):
+      return validate_lib.evaluate_test_center(config, workdir, data.split.test,
+                                               tag=data.test_tag), False
+  except validate_lib.HeldOutEvaluationStopped:
+    return None, True  # it logged what is kept; rerunning the command finishes the report
 
 
 def _complete_report(path: pathlib.Path) -> dict | None:
@@ -381,7 +415,8 @@ def _complete_report(path: pathlib.Path) -> dict | None:
   return report if report.get('complete', True) else None
 
 
-def _print_summary(result: RunResult) -> None:
+def print_summary(result: RunResult) -> None:
+  """Where a run's files are and how it did, printed by the first process."""
   if jax.process_index() != 0:
     return
   lines = [f'run finished at step {result.final_step} in {result.wall_time_s / 60:.1f} min'
@@ -399,6 +434,18 @@ def _print_summary(result: RunResult) -> None:
     if table:
       lines.append(table)
   print('\n'.join(lines), flush=True)
+
+
+def quiet_refused_write_reports() -> None:
+  """A write the disk refused ends the run with one StorageError that says it all; the reports
+  Orbax's background threads, asyncio and TensorStore then make of the abandoned save (hundreds
+  of tracebacks in a tiny run) are dropped. Every other report stays."""
+  for logger_name in ('absl', 'asyncio'):
+    logging.getLogger(logger_name).addFilter(_without_refused_writes)
+  sys.unraisablehook = _drop_abandoned_write_reports(sys.unraisablehook)
+  # The writes a refused save abandoned, collected at exit: part of the same failure.
+  warnings.filterwarnings('ignore', message="coroutine 'async_serialize_from_host",
+                          category=RuntimeWarning)
 
 
 def _without_refused_writes(record: logging.LogRecord) -> bool:
@@ -420,33 +467,3 @@ def _drop_abandoned_write_reports(report_unraisable):
     if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
       report_unraisable(unraisable)
   return hook
-
-
-def main_from_flags(flags) -> RunResult:
-  """What `python -m launch.train` runs: logging, multi-host set-up, preset line, the run."""
-  from absl import logging as absl_logging
-  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax and Grain narrate every save at INFO
-  for logger_name in ('absl', 'asyncio'):
-    logging.getLogger(logger_name).addFilter(_without_refused_writes)
-  sys.unraisablehook = _drop_abandoned_write_reports(sys.unraisablehook)
-  # The writes a refused save abandoned, collected at exit: part of the same failure.
-  warnings.filterwarnings('ignore', message="coroutine 'async_serialize_from_host",
-                          category=RuntimeWarning)
-  log.setLevel(logging.INFO)
-  parallel.maybe_initialize_distributed(flags.coordinator_address, flags.num_processes,
-                                        flags.process_id)
-  config = flags.config
-  config_path = _config_path()
-  why = (f'named in --config={config_path}' if ':' in config_path
-         else presets.resolve(None)[1])
-  log.info('preset %s (%s)', config.preset, why)
-  workdir = flags.workdir or default_workdir(config, config_path)
-  return train_and_evaluate(config, workdir,
-                            allow_config_change=flags.allow_config_change or flags.overwrite)
-
-
-def _config_path() -> str:
-  for argument in sys.argv:
-    if argument.startswith('--config='):
-      return argument.split('=', 1)[1]
-  return ''

@@ -7,10 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dualseg_jax.data import fuzz
 from dualseg_jax.data import io
 from dualseg_jax.data import registry
 from dualseg_jax.errors import DataError
+from dualseg_jax.tools import fuzz_readers as fuzz
 
 SHAPE = (6, 6, 4)
 CENTER = 'poisoned'

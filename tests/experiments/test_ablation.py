@@ -34,7 +34,7 @@ def test_paper_ladder_adds_one_ingredient_per_row_and_ends_at_the_default_config
   config = _config(tmp_path)
   ladder = dict(ablation.variants('paper', config))
   assert list(ladder) == ['seg_only', '+sdf', '+transform', '+views', 'full']
-  enabled = {name: sorted(k for k, v in _weights(runs.with_overrides(config, o)).items() if v > 0)
+  enabled = {name: sorted(k for k, v in _weights(config_base.with_overrides(config, o)).items() if v > 0)
              for name, o in ladder.items()}
   assert enabled == {
       'seg_only': ['bce', 'dice'],
@@ -42,9 +42,9 @@ def test_paper_ladder_adds_one_ingredient_per_row_and_ends_at_the_default_config
       '+transform': ['bce', 'dice', 'sdf_l1', 'sdf_to_mask_dice'],
       '+views': ['bce', 'consistency', 'dice', 'sdf_l1', 'sdf_to_mask_dice'],
       'full': ['bce', 'consistency', 'contrastive', 'dice', 'sdf_l1', 'sdf_to_mask_dice']}
-  views = {name: runs.with_overrides(config, o).augment.num_views for name, o in ladder.items()}
+  views = {name: config_base.with_overrides(config, o).augment.num_views for name, o in ladder.items()}
   assert views == {'seg_only': 1, '+sdf': 1, '+transform': 1, '+views': 2, 'full': 2}
-  full = runs.with_overrides(config, ladder['full'])
+  full = config_base.with_overrides(config, ladder['full'])
   default = config_base.base_config()
   assert _weights(full) == _weights(default) and full.augment.num_views == default.augment.num_views
   # The variant is a copy: the experiment's config is untouched.
@@ -53,17 +53,17 @@ def test_paper_ladder_adds_one_ingredient_per_row_and_ends_at_the_default_config
   quick = three_center.get_config('quick')
   quick_ladder = dict(ablation.variants('paper', quick))
   assert quick_ladder['+sdf']['loss.weights.sdf_l1'] == quick.loss.weights.sdf_l1 == 0.3
-  assert _weights(runs.with_overrides(quick, quick_ladder['full'])) == _weights(quick)
+  assert _weights(config_base.with_overrides(quick, quick_ladder['full'])) == _weights(quick)
   # The 'ends' grid is the ladder's first and last rows, with the same overrides.
   ends = dict(ablation.variants('ends', quick))
   assert list(ends) == ['seg_only', 'full'] and ends['seg_only'] == quick_ladder['seg_only']
-  assert runs.with_overrides(quick, ends['full']) == runs.with_overrides(quick, quick_ladder['full'])
+  assert config_base.with_overrides(quick, ends['full']) == config_base.with_overrides(quick, quick_ladder['full'])
 
 
 def test_unknown_override_key_and_ablation_name_are_config_errors(tmp_path):
   from dualseg_jax.errors import ConfigError
   with pytest.raises(ConfigError, match='loss.weights.sdf'):
-    runs.with_overrides(_config(tmp_path), {'loss.weights.sdf': 1.0})
+    config_base.with_overrides(_config(tmp_path), {'loss.weights.sdf': 1.0})
   with pytest.raises(ConfigError, match='--ablation'):
     ablation.plan(_config(tmp_path), 'no_such_ablation')
 
@@ -80,7 +80,7 @@ def test_table_rows_columns_means_and_gains(tmp_path):
   for name, overrides in ablation.variants('paper', config):
     for center in ('center_c', 'center_a'):
       for structure in ('tumour', 'pancreas'):
-        per_seed = [fakes.expected_scores(runs.with_overrides(config, {
+        per_seed = [fakes.expected_scores(config_base.with_overrides(config, {
             **overrides, 'seed': seed, 'data.test_center': center}))[structure]['dice']
             for seed in (2022, 2023)]
         expected[name, center, structure] = (np.mean(per_seed), np.std(per_seed))

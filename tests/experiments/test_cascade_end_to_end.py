@@ -12,7 +12,8 @@ import scipy.ndimage as ndimage
 
 from dualseg_jax.data import io
 from dualseg_jax.data import volume as volume_lib
-from dualseg_jax.experiments import cascade
+from dualseg_jax.experiments import cascade as cascade_training
+from dualseg_jax.inference import cascade
 from dualseg_jax.inference import run
 from tests.conftest import tiny_run_config
 
@@ -30,7 +31,7 @@ def experiment(phantom_root, tmp_path_factory):
       # are foreground, so every stage finds something and the whole chain runs.
       'model.foreground_prior': 0.5})
   workdir = tmp_path_factory.mktemp('cascade') / 'experiment'
-  cascade.train_stages(config, workdir)
+  cascade_training.train_stages(config, workdir)
   return workdir
 
 

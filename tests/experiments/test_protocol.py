@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from configs import three_center
+from dualseg_jax import config_base
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.experiments import protocol
-from dualseg_jax.experiments import runs
 from tests.experiments import fakes
 
 
@@ -47,7 +47,7 @@ def test_report_rows_numbers_hashes_and_figure(tmp_path):
       (held_out, structure) for held_out in ('center_a', 'center_b', 'center_c', 'fold 0', 'fold 2')
       for structure in ('pancreas', 'tumour')]
   for row in run_rows:
-    run_config = runs.with_overrides(config, {'data.fold': -1, 'data.test_center': row['held_out']}
+    run_config = config_base.with_overrides(config, {'data.fold': -1, 'data.test_center': row['held_out']}
                                      if row['kind'] == protocol.LEAVE_ONE_OUT else
                                      {'data.fold': int(row['held_out'].split()[-1])})
     expected = fakes.expected_scores(run_config)[row['structure']]

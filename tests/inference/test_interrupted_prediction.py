@@ -19,7 +19,7 @@ from dualseg_jax.data import io
 from dualseg_jax.errors import ConfigError, DataError
 from dualseg_jax.evaluation import report
 from dualseg_jax.inference import run
-from dualseg_jax.train import crash_check
+from dualseg_jax.tools import kill_resume
 from tests.inference.helpers import random_params, save_params_for_test
 from tests.inference.test_predictor import _stub_predictor, _write_planted_ct
 
@@ -62,7 +62,7 @@ def test_killed_prediction_leaves_complete_outputs_and_resume_finishes_it(tmp_pa
   arguments = [f'--workdir={workdir}', f'--input={inputs}', f'--output={output}']
   driver = tmp_path / 'pausing_predict.py'
   driver.write_text(_PAUSING_PREDICT)
-  environment = crash_check.subprocess_environment(CACHE)
+  environment = kill_resume.subprocess_environment(CACHE)
 
   killed = subprocess.Popen([sys.executable, str(driver), *arguments], cwd=PROJECT_ROOT,
                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -6,7 +6,7 @@ import numpy as np
 
 from dualseg_jax import losses
 from dualseg_jax import models
-from dualseg_jax.train import bench as train_bench
+from dualseg_jax.tools.bench import train as train_bench
 
 ENCODER_LEVELS = ('stem', 'encoder0', 'encoder1', 'encoder2', 'encoder3', 'dilated')
 # Measured on this test's set-up (tiny network as the tiny preset builds it: separate downsampling

@@ -1,6 +1,7 @@
-"""The dual-task network: weight standardisation and convolution against NumPy, output shapes and
-dtypes, the paper-scale and reference parameter counts against a hand count in both downsampling
-layouts, the initial weights' scale, bfloat16 against float32."""
+"""The dual-task network: output shapes and dtypes, the paper-scale and reference parameter counts
+against a hand count in both downsampling layouts, the initial weights and outputs, bfloat16
+against float32, the convolution implementations against each other (its building blocks:
+test_layers.py)."""
 
 import functools
 
@@ -13,7 +14,6 @@ import pytest
 from configs import three_center
 from dualseg_jax import models
 from dualseg_jax.errors import ConfigError
-from dualseg_jax.models import layers
 
 
 @pytest.fixture(scope='module')
@@ -27,51 +27,6 @@ def tiny_model_config():
 def tiny_variables(tiny_model_config):
   model = models.build_model(tiny_model_config)
   return models.init_variables(model, jax.random.PRNGKey(0), (1, 8, 8, 8, 1))
-
-
-def test_standardised_kernel_filters_have_mean_zero_and_std_one():
-  kernel = 3.0 + 2.5 * np.random.default_rng(0).normal(size=(3, 3, 3, 4, 5))
-  standardised = np.asarray(layers.standardize_kernel(jnp.asarray(kernel)))
-  per_filter = standardised.reshape(-1, 5)
-  np.testing.assert_allclose(per_filter.mean(axis=0), 0.0, atol=1e-5)
-  np.testing.assert_allclose(per_filter.std(axis=0), 1.0, atol=1e-5)
-  flat = kernel.reshape(-1, 5)
-  np.testing.assert_allclose(per_filter, (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-12),
-                             rtol=1e-4, atol=1e-6)
-
-
-def numpy_convolution(x, kernel, stride, dilation):
-  """Direct zero-padded cross-correlation, NDHWC x DHWIO, symmetric padding dilation*(k-1)/2."""
-  size = kernel.shape[0]
-  pad = dilation * (size - 1) // 2
-  padded = np.pad(x, ((0, 0),) + ((pad, pad),) * 3 + ((0, 0),))
-  out_shape = [(n + 2 * pad - dilation * (size - 1) - 1) // stride + 1 for n in x.shape[1:4]]
-  out = np.zeros((x.shape[0], *out_shape, kernel.shape[-1]))
-  for a in range(size):
-    for b in range(size):
-      for c in range(size):
-        window = padded[:, a * dilation::stride, b * dilation::stride, c * dilation::stride]
-        window = window[:, :out_shape[0], :out_shape[1], :out_shape[2]]
-        out += window @ kernel[a, b, c]
-  return out
-
-
-@pytest.mark.parametrize('impl', layers.CONV_IMPLS)
-@pytest.mark.parametrize('kernel_size, stride, dilation',
-                         [(3, 1, 1), (3, 2, 1), (3, 1, 2), (1, 2, 1), (5, 2, 1)])
-def test_std_conv_matches_numpy_with_standardised_kernel(kernel_size, stride, dilation, impl):
-  x = np.random.default_rng(1).normal(size=(2, 8, 6, 4, 3)).astype(np.float32)
-  conv = layers.StdConv3D(features=5, kernel_size=kernel_size, stride=stride, dilation=dilation,
-                          conv_impl=impl)
-  variables = conv.init(jax.random.PRNGKey(0), x)
-  kernel = np.asarray(variables['params']['kernel'], np.float64)
-  assert set(variables['params']) == {'kernel'}  # no bias
-  flat = kernel.reshape(-1, 5)
-  standardised = ((flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-12)).reshape(kernel.shape)
-  expected = numpy_convolution(x.astype(np.float64), standardised, stride, dilation)
-  got = np.asarray(conv.apply(variables, x))
-  assert got.shape == expected.shape
-  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize('spatial', [(16, 32, 32), (24, 32, 16), (32, 32, 32)])
@@ -223,17 +178,6 @@ def test_strided_block_levels_without_blocks_are_a_config_error():
     models.build_model(model_config)
 
 
-@pytest.mark.parametrize('kernel_init, expected_std', [
-    ('torch_default', lambda fan_in: 1 / np.sqrt(3 * fan_in)),
-    ('he_normal', lambda fan_in: np.sqrt(2 / fan_in))])
-def test_initial_kernel_std_follows_kernel_init(kernel_init, expected_std):
-  x = jnp.zeros((1, 4, 4, 4, 48))
-  conv = layers.StdConv3D(features=96, kernel_init=kernel_init)
-  kernel = np.asarray(conv.init(jax.random.PRNGKey(0), x)['params']['kernel'])
-  fan_in = 27 * 48  # 124,416 weights
-  assert abs(kernel.std() / expected_std(fan_in) - 1) < 0.1
-
-
 def test_torch_default_init_reaches_every_kernel_and_bias(tiny_model_config):
   """PyTorch's default (the paper preset's) draws kernels and biases from
   U(-1/sqrt(fan_in), 1/sqrt(fan_in)): no weight beyond the bound (about half of a he_normal
@@ -329,19 +273,6 @@ def test_mismatched_widths_name_the_keys(tiny_model_config):
   model_config.fusion_width = 16
   with pytest.raises(ConfigError, match='model.fusion_width'):
     models.build_model(model_config)
-
-
-def test_grouped_depth_folded_conv_matches_numpy_per_group():
-  """RandConv's form: one input channel per group, several outputs per group, a 7^3 kernel."""
-  rng = np.random.default_rng(2)
-  x = rng.normal(size=(1, 6, 7, 5, 2)).astype(np.float32)
-  kernel = rng.normal(size=(7, 7, 7, 1, 6)).astype(np.float32)
-  got = np.asarray(layers.conv3d(jnp.asarray(x), jnp.asarray(kernel), impl='depth_folded',
-                                 feature_group_count=2))
-  for group in range(2):
-    expected = numpy_convolution(x[..., group:group + 1].astype(np.float64),
-                                 kernel[..., 3 * group:3 * group + 3].astype(np.float64), 1, 1)
-    np.testing.assert_allclose(got[..., 3 * group:3 * group + 3], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_unknown_conv_impl_is_a_config_error(tiny_model_config):

@@ -16,8 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from dualseg_jax.data import pipeline
+from dualseg_jax.tools import kill_resume
 from dualseg_jax.train import checkpoint as checkpoint_lib
-from dualseg_jax.train import crash_check
 from dualseg_jax.train import loop
 from tests.conftest import tiny_run_config
 from dualseg_jax.train import reporting
@@ -28,14 +28,14 @@ CACHE = os.environ.get('DUALSEG_TEST_COMPILATION_CACHE', '/tmp/dualseg_jax_test_
 
 @pytest.fixture(scope='module')
 def environment():
-  return crash_check.subprocess_environment(CACHE)
+  return kill_resume.subprocess_environment(CACHE)
 
 
 @pytest.fixture(scope='module')
 def uninterrupted(phantom_root, environment, tmp_path_factory):
   """The subprocess run every interrupted one is compared with; it also generates the phantoms."""
   workdir = tmp_path_factory.mktemp('uninterrupted') / 'run'
-  crash_check.run_to_completion(crash_check.train_command(workdir, phantom_root, STEPS),
+  kill_resume.run_to_completion(kill_resume.train_command(workdir, phantom_root, STEPS),
                                 environment, workdir.parent / 'run.log')
   return workdir
 
@@ -61,19 +61,20 @@ def _assert_trees_equal(tree_a, tree_b):
 
 # --- 1. SIGKILL at random moments -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_resumes_to_the_same_run(uninterrupted, phantom_root,
                                                            environment, tmp_path):
   workdir = tmp_path / 'killed'
-  kills, problems = crash_check.kill_and_resume(
-      workdir, crash_check.train_command(workdir, phantom_root, STEPS), environment, kills=5,
+  kills, problems = kill_resume.kill_and_resume(
+      workdir, kill_resume.train_command(workdir, phantom_root, STEPS), environment, kills=5,
       rng=np.random.default_rng(0), log_dir=tmp_path / 'logs')
-  report = crash_check.CrashReport(kills=kills, mismatches=problems, final_step=STEPS)
+  report = kill_resume.CrashReport(kills=kills, mismatches=problems, final_step=STEPS)
   print(report.summary())
   assert not problems, report.summary()
   assert len(kills) >= 5, report.summary()
-  assert {kill.plan for kill in kills} == set(crash_check.KILL_PLANS)
+  assert {kill.plan for kill in kills} == set(kill_resume.KILL_PLANS)
   # Losses step by step and the final parameters, against the run left alone.
-  assert crash_check.compare_runs(uninterrupted, workdir, STEPS) == []
+  assert kill_resume.compare_runs(uninterrupted, workdir, STEPS) == []
   rows = reporting.MetricsLog.read(workdir / 'metrics.jsonl')
   assert [row['step'] for row in rows] == list(range(1, STEPS + 1))
 
@@ -163,8 +164,8 @@ def test_corrupted_latest_checkpoint_is_reported_and_the_previous_one_used(
   assert any('resumed from the checkpoint at step 2' in r.getMessage() for r in caplog.records)
   assert result.final_step == 3
   # Step 3 was trained again from step 2 and its checkpoint replaced: same loss, same state.
-  original = crash_check.loss_rows(three_steps)[0]
-  assert crash_check.loss_rows(workdir) == (original, [])
+  original = kill_resume.loss_rows(three_steps)[0]
+  assert kill_resume.loss_rows(workdir) == (original, [])
   _assert_trees_equal(_restore_state(workdir, 3), _restore_state(three_steps, 3))
   assert checkpoint_lib.restore_params(workdir, 'latest')[1] == 3
 
@@ -221,17 +222,18 @@ def test_non_finite_steps_stop_the_run_with_the_last_good_state_saved(phantom_ro
 
 # --- 4. SIGTERM ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_exits_cleanly_and_the_rerun_continues(
     uninterrupted, phantom_root, environment, tmp_path):
   workdir = tmp_path / 'run'
   # Checkpoints only at the end: the one found after SIGTERM must be the stop's own.
-  command = crash_check.train_command(workdir, phantom_root, STEPS,
+  command = kill_resume.train_command(workdir, phantom_root, STEPS,
                                       {'train.checkpoint_every': 1000})
   with open(tmp_path / 'stopped.log', 'w') as log_file:
-    process = subprocess.Popen(command, cwd=crash_check.PROJECT_ROOT, env=environment,
+    process = subprocess.Popen(command, cwd=kill_resume.PROJECT_ROOT, env=environment,
                                stdout=log_file, stderr=subprocess.STDOUT)
     try:
-      while len(crash_check.loss_rows(workdir)[0]) < 2:  # the loop is running: handlers are set
+      while len(kill_resume.loss_rows(workdir)[0]) < 2:  # the loop is running: handlers are set
         assert process.poll() is None, (tmp_path / 'stopped.log').read_text()[-3000:]
         time.sleep(0.05)
       process.send_signal(signal.SIGTERM)
@@ -242,11 +244,11 @@ def test_sigterm_saves_the_current_step_exits_cleanly_and_the_rerun_continues(
   output = (tmp_path / 'stopped.log').read_text()
   assert returncode == 0, output[-3000:]
   assert 'stopped on request' in output
-  finalized, temporary = crash_check.checkpoint_folders(workdir)
-  losses, _ = crash_check.loss_rows(workdir)
+  finalized, temporary = kill_resume.checkpoint_folders(workdir)
+  losses, _ = kill_resume.loss_rows(workdir)
   assert len(finalized) == 1 and not temporary
   stopped_at = finalized[0]
   assert 2 <= stopped_at < STEPS and sorted(losses) == list(range(1, stopped_at + 1))
-  rerun = crash_check.run_to_completion(command, environment, tmp_path / 'rerun.log')
+  rerun = kill_resume.run_to_completion(command, environment, tmp_path / 'rerun.log')
   assert f'resumed from the checkpoint at step {stopped_at}' in rerun
-  assert crash_check.compare_runs(uninterrupted, workdir, STEPS) == []
+  assert kill_resume.compare_runs(uninterrupted, workdir, STEPS) == []

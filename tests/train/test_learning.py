@@ -2,6 +2,7 @@
 validation Dice of the pancreas well above that of the untrained network."""
 
 import jax
+import pytest
 
 from configs import three_center
 from dualseg_jax.data import pipeline
@@ -13,6 +14,7 @@ from dualseg_jax.train import validate
 STEPS = 200
 
 
+@pytest.mark.slow
 def test_quick_preset_lifts_pancreas_validation_dice(tmp_path):
   config = three_center.get_config('quick')
   config.data.root = str(tmp_path / 'data')

@@ -153,3 +153,18 @@ def test_compute_choices_may_change_on_resume_but_the_recipe_may_not():
       f'augment.randconv_gain: run has {2 ** 0.5!r}, now 1.0']
   changed['augment']['randconv_gain'] = 2 ** 0.5
   assert loop.config_differences(old_run, changed) == []
+
+
+def test_a_steps_metrics_are_read_once_the_next_step_is_queued(tmp_path):
+  from tqdm import tqdm
+  metrics_log = reporting.MetricsLog(tmp_path / 'metrics.jsonl', write=False)
+  writer = loop._OneStepLateWriter(metrics_log, tqdm(total=4, disable=True))
+  writer.step_done(1, {'loss': jax.numpy.float32(0.5)})
+  assert metrics_log.rows == []  # step 1 may still be running on the device
+  writer.step_done(2, None)  # a step that logs nothing still lets the row before it out
+  assert [(row['step'], row['loss']) for row in metrics_log.rows] == [(1, 0.5)]
+  writer.step_done(3, {'loss': jax.numpy.float32(0.25)})
+  writer.flush()  # before a checkpoint, a validation or the end
+  writer.flush()
+  assert [row['step'] for row in metrics_log.rows] == [1, 3]
+  assert all('steps_per_s' in row for row in metrics_log.rows)

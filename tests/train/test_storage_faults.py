@@ -13,8 +13,8 @@ import pytest
 
 from dualseg_jax import locks
 from dualseg_jax.errors import StorageError
+from dualseg_jax.tools import kill_resume
 from dualseg_jax.train import checkpoint as checkpoint_lib
-from dualseg_jax.train import crash_check
 from dualseg_jax.train import loop
 from dualseg_jax.train import validate as validate_lib
 from tests import faults
@@ -63,7 +63,8 @@ def test_too_little_free_space_is_refused_before_anything_is_trained(phantom_roo
   with faults.tmpfs(tmp_path / 'small', 'size=8m') as folder:
     with pytest.raises(StorageError) as raised:
       loop.train_and_evaluate(_config(phantom_root, steps=2), folder / 'run')
-    assert sorted(os.listdir(folder / 'run')) == [locks.LOCK_FILE, 'config.json']
+    # config.json comes only once every check has passed: the corrected command starts afresh.
+    assert sorted(os.listdir(folder / 'run')) == [locks.LOCK_FILE]
   message = str(raised.value)
   # 4 tiny checkpoints (26,880 float32 parameters and two Adam moments: 315 KiB each) and the
   # 64 MiB kept for metrics, plots and evaluation.
@@ -182,7 +183,7 @@ def test_every_write_of_a_run_ends_it_with_one_message(phantom_root, tmp_path, m
 _TRAIN_ON_A_FILLING_DISK = """
 import pathlib
 import sys
-from absl import app
+from launch import cli
 from launch import train
 from dualseg_jax.train import checkpoint as checkpoint_lib
 from tests.train import test_storage_faults
@@ -191,17 +192,17 @@ folder = pathlib.Path(sys.argv[1])
 checkpoint_lib.Checkpointer.save = test_storage_faults._fill_at_step_2(
     folder, checkpoint_lib.Checkpointer.save)
 sys.argv = sys.argv[2:]
-app.run(train.main)
+cli.run(train.main)
 """
 
 
 def test_the_command_ends_a_failed_checkpoint_with_one_error_line_and_status_2(phantom_root,
                                                                                tmp_path):
   with faults.tmpfs(tmp_path / 'small', 'size=72m') as folder:
-    command = crash_check.train_command(folder / 'run', phantom_root, steps=3)
+    command = kill_resume.train_command(folder / 'run', phantom_root, steps=3)
     command[1:3] = ['-c', _TRAIN_ON_A_FILLING_DISK, str(folder), 'launch.train']
     finished = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True,
-                              env=crash_check.subprocess_environment(COMPILATION_CACHE),
+                              env=kill_resume.subprocess_environment(COMPILATION_CACHE),
                               timeout=600, check=False)
   assert finished.returncode == 2, finished.stderr[-3000:]
   # Orbax's threads, asyncio's abandoned tasks and TensorStore's late callbacks each report the

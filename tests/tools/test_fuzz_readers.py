@@ -9,9 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from dualseg_jax.data import fuzz
 from dualseg_jax.data import io
 from dualseg_jax.errors import DataError
+from dualseg_jax.tools import fuzz_readers as fuzz
 
 # A few thousand cases in all; a DICOM case reads several files, so it gets fewer.
 CASES_PER_FORMAT = {'nifti': 2500, 'nifti_gz': 2500, 'nrrd': 2500, 'dicom': 1200}

@@ -110,11 +110,11 @@ def benchmark_training(config: ml_collections.ConfigDict, steps: int = 60, repea
   config.train.eval_every = 0
   config.train.checkpoint_every = steps
   config.train.evaluate_test_center = False
-  with tempfile.TemporaryDirectory(prefix='dualseg_bench_') as run_dir:
+  with tempfile.TemporaryDirectory(prefix='dualseg_bench_') as workdir:
     # The run's own summary goes to stderr: stdout carries only the benchmark's JSON rows.
     with contextlib.redirect_stdout(sys.stderr):
-      result = loop.train_and_evaluate(config, run_dir)
-    rows = [row for row in reporting.MetricsLog.read(pathlib.Path(run_dir) / 'metrics.jsonl')
+      result = loop.train_and_evaluate(config, workdir)
+    rows = [row for row in reporting.MetricsLog.read(pathlib.Path(workdir) / 'metrics.jsonl')
             if 'steps_per_s' in row]
   rates = [row['steps_per_s'] for row in rows[1:]]
   train_rate = statistics.median(rates)
@@ -139,17 +139,17 @@ def benchmark_balance(config: ml_collections.ConfigDict, num_batches: int = 4,
   `num_batches` real training batches of `config` at train step `step` (ramps and anneals as
   there), from initialisation or, with `workdir`, from that run's latest checkpoint; with the
   per-call time against the bare step's."""
-  from dualseg_jax.data import bench as data_bench
+  from dualseg_jax import run_dir
   from dualseg_jax.data import pipeline
+  from dualseg_jax.tools.bench import data as data_bench
   from dualseg_jax.train import balance as balance_lib
-  from dualseg_jax.train import checkpoint as checkpoint_lib
 
   config, _, iterator = data_bench.training_batches(config)
   patch_size = tuple(config.data.patch_size)
   model, state, _ = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed), patch_size)
   source = 'initialisation'
   if workdir:
-    params, restored_step = checkpoint_lib.restore_params(workdir, 'latest')
+    params, restored_step = run_dir.restore_params(workdir, 'latest')
     state = state.replace(params=params)
     source = f'{workdir} step {restored_step}'
   state = state.replace(step=jnp.asarray(step, jnp.int32))

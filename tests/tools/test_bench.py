@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import tiny_run_config
-from dualseg_jax import bench
+from dualseg_jax.tools import bench
 
 
+@pytest.mark.slow
 def test_training_run_is_measured_against_the_bare_step(phantom_root, capsys):
   config = tiny_run_config(phantom_root, steps=3)
   [row] = list(bench.run('train', config, repeats=2, train_steps=3))
@@ -69,7 +70,7 @@ def test_balance_row_gives_each_active_term_an_encoder_gradient_norm(phantom_roo
 def test_views_row_reports_how_much_pancreas_contrast_randconv_keeps(phantom_root):
   """A view keeps a share of the patch's pancreas contrast: quantiles in order, shares in [0, 1];
   the separability itself is the textbook d' (checked by hand on two constant regions + noise)."""
-  from dualseg_jax.data import bench as data_bench
+  from dualseg_jax.tools.bench import data as data_bench
   rng = np.random.default_rng(0)
   image = rng.normal(0.0, 1.0, (8, 8, 8))
   inside = np.zeros(image.shape, bool)

@@ -261,7 +261,7 @@ def compare_runs(reference: pathlib.Path, candidate: pathlib.Path, steps: int,
   """Every step's loss and the final parameters of `candidate` against `reference`."""
   import jax  # deferred: the subprocess launcher itself needs no jax
 
-  from dualseg_jax.train import checkpoint as checkpoint_lib
+  from dualseg_jax import run_dir
   mismatches = []
   reference_losses, _ = loss_rows(reference)
   losses, repeated = loss_rows(candidate)
@@ -277,8 +277,8 @@ def compare_runs(reference: pathlib.Path, candidate: pathlib.Path, steps: int,
       continue
     if not np.isclose(have, want, rtol=rtol, atol=atol):
       mismatches.append(f'step {step}: loss {have!r}, uninterrupted run {want!r}')
-  params, step = checkpoint_lib.restore_params(candidate, 'latest')
-  reference_params, reference_step = checkpoint_lib.restore_params(reference, 'latest')
+  params, step = run_dir.restore_params(candidate, 'latest')
+  reference_params, reference_step = run_dir.restore_params(reference, 'latest')
   if step != reference_step:
     mismatches.append(f'final checkpoint at step {step}, uninterrupted run at {reference_step}')
   leaves = jax.tree_util.tree_leaves_with_path(params)

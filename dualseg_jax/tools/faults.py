@@ -20,7 +20,7 @@ import time
 
 import numpy as np
 
-from dualseg_jax.train import crash_check
+from dualseg_jax.tools import kill_resume
 
 # The lines a refused or failed command prints start with this (launch/*.py).
 _ERROR_PREFIX = 'error: '
@@ -52,7 +52,7 @@ def _error_line(output: str) -> str:
 
 def _run(command: list[str], environment: dict[str, str], timeout_s: float = 1800.0
          ) -> subprocess.CompletedProcess:
-  return subprocess.run(command, cwd=crash_check.PROJECT_ROOT, env=environment, text=True,
+  return subprocess.run(command, cwd=kill_resume.PROJECT_ROOT, env=environment, text=True,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout_s)
 
 
@@ -77,7 +77,7 @@ def _metric_steps(workdir: pathlib.Path) -> list[int]:
 def _check_finished(workdir: pathlib.Path, steps: int) -> list[str]:
   """A finished run's traces: its last checkpoint, one metrics row per logged step, in order."""
   problems = []
-  finalized, _ = crash_check.checkpoint_folders(workdir)
+  finalized, _ = kill_resume.checkpoint_folders(workdir)
   if steps not in finalized:
     problems.append(f'{workdir}: no checkpoint of the last step {steps} (have {finalized})')
   logged = _metric_steps(workdir)
@@ -94,10 +94,10 @@ def concurrent_starts(directory: pathlib.Path, data_root: pathlib.Path,
   naming the running one, which must finish untouched."""
   workdir = directory / 'concurrent'
   shutil.rmtree(workdir, ignore_errors=True)
-  command = crash_check.train_command(workdir, data_root, steps, {'train.checkpoint_every': 5})
+  command = kill_resume.train_command(workdir, data_root, steps, {'train.checkpoint_every': 5})
   lines, problems, refused = [], [], 0
   with open(directory / 'concurrent.log', 'w') as log_file:
-    first = subprocess.Popen(command, cwd=crash_check.PROJECT_ROOT, env=environment,
+    first = subprocess.Popen(command, cwd=kill_resume.PROJECT_ROOT, env=environment,
                              stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
       lock_file = workdir / '.dualseg.lock'
@@ -187,20 +187,20 @@ def disk_full(directory: pathlib.Path, data_root: pathlib.Path, environment: dic
       workdir = (directory / f'disk_{len(lines)}_run' if moment == 'cache'
                  else mount_point / 'run')
       shutil.rmtree(workdir, ignore_errors=True)
-      command = crash_check.train_command(
+      command = kill_resume.train_command(
           workdir, data_root, steps, {'data.cache_dir': mount_point / 'cache'})
       with open(directory / f'disk_{len(lines)}.log', 'w') as log_file:
-        process = subprocess.Popen(command, cwd=crash_check.PROJECT_ROOT, env=environment,
+        process = subprocess.Popen(command, cwd=kill_resume.PROJECT_ROOT, env=environment,
                                    stdout=log_file, stderr=subprocess.STDOUT,
                                    start_new_session=True)
         if isinstance(moment, int):
-          _wait_for(lambda: moment in crash_check.checkpoint_folders(workdir)[0], process, 300.0,
+          _wait_for(lambda: moment in kill_resume.checkpoint_folders(workdir)[0], process, 300.0,
                     f'checkpoint of step {moment}')
           _fill(mount_point)
         status = process.wait(timeout=600)
       output = (directory / f'disk_{len(lines)}.log').read_text()
       message = _error_line(output)
-      before = crash_check.checkpoint_folders(workdir)[0]
+      before = kill_resume.checkpoint_folders(workdir)[0]
       (mount_point / 'ballast').unlink(missing_ok=True)
       subprocess.run(['mount', '-o', 'remount,size=256m', str(mount_point)], check=False)
       if status != 2 or not message:
@@ -213,7 +213,7 @@ def disk_full(directory: pathlib.Path, data_root: pathlib.Path, environment: dic
                         [f'{label}: the rerun ended with status {rerun.returncode}: '
                          f'{rerun.stdout[-800:]}'])
       rerun_problems += _check_finished(workdir, steps)
-      resumed = crash_check.resumed_step(rerun.stdout)
+      resumed = kill_resume.resumed_step(rerun.stdout)
       if before and resumed != max(before):
         rerun_problems.append(f'{label}: the rerun started from step {resumed}, not from the last '
                               f'complete checkpoint {max(before)}')
@@ -259,7 +259,7 @@ def interrupted_prediction(directory: pathlib.Path, run_workdir: pathlib.Path,
   if whole.returncode != 0:
     return FaultResult('a prediction killed midway', 1, 0, [],
                        [f'the uninterrupted prediction failed: {whole.stdout[-800:]}'])
-  process = subprocess.Popen(predict(killed), cwd=crash_check.PROJECT_ROOT, env=environment,
+  process = subprocess.Popen(predict(killed), cwd=kill_resume.PROJECT_ROOT, env=environment,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
   try:
@@ -300,7 +300,7 @@ def check_faults(directory: str | os.PathLike, data_root: str | os.PathLike | No
   directory = pathlib.Path(directory).absolute()
   directory.mkdir(parents=True, exist_ok=True)
   data_root = pathlib.Path(data_root or directory / 'phantoms').absolute()
-  environment = crash_check.subprocess_environment(compilation_cache_dir or directory / 'xla_cache')
+  environment = kill_resume.subprocess_environment(compilation_cache_dir or directory / 'xla_cache')
   results = []
   if 'concurrent' in parts or 'prediction' in parts:
     results.append(concurrent_starts(directory, data_root, environment))

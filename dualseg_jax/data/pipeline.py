@@ -162,8 +162,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> Prepare
   return PreparedData(split=split, cache=cache, train_cases=train_cases, problems=problems)
 
 
-def train_iterator(config: ml_collections.ConfigDict, data: PreparedData, local_batch: int):
-  del local_batch  # the loader derives it from data.batch_size and the process count
+def train_iterator(config: ml_collections.ConfigDict, data: PreparedData):
+  """This process's share of the training batches (the loader derives its batch from
+  data.batch_size and the process count)."""
   return loader.make_train_iterator(config, data.train_cases, data.cache, seed=config.seed)
 
 

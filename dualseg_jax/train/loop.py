@@ -214,10 +214,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
   _check_free_space(config, workdir)
   log.info('preset %s; stage %s; workdir %s', config.preset, config.stage, workdir)
   mesh = mesh or parallel.make_mesh()
-  local_batch = parallel.check_global_batch(config.data.batch_size, mesh)
+  parallel.check_global_batch(config.data.batch_size, mesh)
   data = pipeline.prepare(config, workdir)
 
-  trained = _train(config, workdir, data, mesh, local_batch, resolved_config, stop_at_step, cleanup)
+  trained = _train(config, workdir, data, mesh, resolved_config, stop_at_step, cleanup)
   test_summary, stopped_early = None, trained.stopped_early
   if not stopped_early and config.train.evaluate_test_center and jax.process_index() == 0:
     test_summary, stopped_early = _evaluate_held_out(
@@ -235,7 +235,7 @@ class _Training:
   best_val_dice: float | None
 
 
-def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, data, mesh, local_batch: int,
+def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, data, mesh,
            resolved_config: dict, stop_at_step: int | None,
            cleanup: contextlib.ExitStack) -> _Training:
   """Trains from the latest checkpoint in `workdir` (or from the start) to train.steps, validating
@@ -245,7 +245,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, data, mesh,
   model, state, optimizer = step_lib.create_train_state(
       config, jax.random.PRNGKey(config.seed), tuple(config.data.patch_size))
   state = parallel.replicate(state, mesh)
-  iterator = pipeline.train_iterator(config, data, local_batch)
+  iterator = pipeline.train_iterator(config, data)
   checkpointer = checkpoint_lib.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   cleanup.callback(checkpointer.settle)  # an error leaves no save running into interpreter exit
   start_step, restored = 0, checkpointer.restore(state, iterator)
@@ -262,7 +262,7 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, data, mesh,
                    if row.get('val/dice_mean') is not None), default=None)
   train_step, encoder_balance = _compiled_steps(config, model, optimizer, state, mesh)
   sharding = parallel.batch_sharding(mesh)
-  validator = validate_lib.Validator(config, model, data.split.val, mesh)
+  validator = validate_lib.Validator(config, data.split.val)
   settings = config.train
   bar = tqdm(total=settings.steps, initial=start_step, desc=f'train {config.stage}', unit='step',
              dynamic_ncols=True, disable=jax.process_index() != 0)

@@ -152,14 +152,3 @@ def make_train_step(model: nn.Module, config: ml_collections.ConfigDict,
     return new_state, metrics
 
   return train_step
-
-
-def make_eval_step(model: nn.Module, config: ml_collections.ConfigDict
-                   ) -> Callable[[Any, jax.Array], dict[str, jax.Array]]:
-  """A pure `eval_step(params, images) -> outputs`: one view, no dropout, float32 outputs."""
-  del config  # the model already carries its dtype and heads; kept for a uniform signature
-
-  def eval_step(params: Any, images: jax.Array) -> dict[str, jax.Array]:
-    return model.apply({'params': params}, images, train=False)
-
-  return eval_step

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import pathlib
-from typing import Any
 
 import jax
 import ml_collections
@@ -30,8 +29,8 @@ _KEEP_IN_MEMORY_VOXELS = 200_000_000
 class Validator:
   """Predicts each validation case whole (sliding window, no flips) and scores Dice per structure."""
 
-  def __init__(self, config: ml_collections.ConfigDict, model: Any, cases: list, mesh=None):
-    del model, mesh  # the predictor rebuilds the same network from config.model
+  def __init__(self, config: ml_collections.ConfigDict, cases: list):
+    # The predictor builds the network from config.model; every process validates on its own.
     self.config = config
     self.cases = list(cases)
     self.structures = structures.stage_structures(config.stage)

@@ -33,7 +33,7 @@ def test_quick_preset_lifts_pancreas_validation_dice(tmp_path):
   data = pipeline.prepare(config, tmp_path / 'untrained')
   model, state, _ = step_lib.create_train_state(config, jax.random.PRNGKey(config.seed),
                                                 tuple(config.data.patch_size))
-  untrained = validate.Validator(config, model, data.split.val).run(
+  untrained = validate.Validator(config, data.split.val).run(
       jax.device_put(state.params, jax.devices()[0]))
   rows = [row for row in reporting.MetricsLog.read(tmp_path / 'run' / 'metrics.jsonl')
           if 'val/dice_pancreas' in row]

@@ -158,17 +158,6 @@ def test_nonfinite_batch_leaves_the_state_unchanged_and_is_counted(trainer):
   assert not np.array_equal(jax.tree.leaves(state.params)[0], jax.tree.leaves(before[0])[0])
 
 
-def test_eval_step_is_the_deterministic_forward(trainer):
-  config, model, state, _, forward = trainer
-  state = jax.tree.map(jnp.asarray, state)
-  images = sphere_batch(batch_size=2)['image']
-  outputs = jax.jit(step_lib.make_eval_step(model, config))(state.params, images)
-  expected = forward({'params': state.params}, images)
-  for name in ('logits', 'sdf', 'embedding'):
-    np.testing.assert_allclose(outputs[name], expected[name], rtol=1e-4, atol=1e-4)
-  assert outputs['logits'].shape == (2, *PATCH, config.model.num_classes)
-
-
 ABLATIONS = {
     'segmentation': dict(dice=1.0, bce=1.0),
     '+sdf': dict(dice=1.0, bce=1.0, sdf_l1=1.0),

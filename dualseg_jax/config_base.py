@@ -34,6 +34,8 @@ VALUES_BEFORE_KEYS: dict[str, Any] = {
     'augment.noise_prob': 1.0,
     'experiments.cascade_recipe': 'uniform',
     'experiments.cascade_tumour_rounds': 1,
+    # A ReLU followed the heads' group norm.
+    'model.head_activation': 'relu',
 }
 
 
@@ -132,6 +134,11 @@ def base_config() -> ml_collections.ConfigDict:
   # weight-standardised decoder's logits start with a standard deviation of ~18 at paper scale
   # and the SDF's tanh saturated on >90% of voxels (models/unet.py).
   model.head_norm = True
+  # What follows that norm: 'none' (the heads read signed normalised features) | 'relu'. Both
+  # heads read the same channels: after a ReLU the SDF regression can code the pancreas as
+  # channels switched off, and the logits there are then their bias, at logit(prior) ~ -3.9,
+  # which Adam moves by ~1e-3 per step (docs/design.md, "Heads").
+  model.head_activation = 'none'
   # Initial conv and dense kernels: 'torch_default' (the method's: PyTorch's default,
   # U(+-1/sqrt(fan_in)) for kernels and biases) | 'he_normal' (std sqrt(2 / fan_in), zero biases).
   model.kernel_init = 'torch_default'

@@ -18,8 +18,9 @@ Layout (paper widths (32, 64, 128, 256), blocks (1, 2, 2, 2)):
 - decoder stage j (j = 0, 1, 2): nearest x2 upsampling, add skip 2 - j, one residual block to
   decoder_widths[j]. The channels must line up: fusion_width == widths[2],
   decoder_widths[0] == widths[1], decoder_widths[1] == widths[0].
-- heads: with `head_norm` (this project's default; the method has none) a GN-ReLU on the decoder
-  output, then 1x1 convs with bias from decoder_widths[-1] to num_classes logits and to
+- heads: with `head_norm` (this project's default; the method has none) a GN on the decoder
+  output, followed by a ReLU when head_activation == 'relu' (not the default: see
+  docs/design.md, "Heads"), then 1x1 convs with bias from decoder_widths[-1] to num_classes logits and to
   num_classes SDF values read through tanh. Weight-standardised convs return sums of fan-in
   unit-variance terms, so without the norm the paper network's logits start with a standard
   deviation of 18-19 (torch_default; 44-46 with he_normal) and the SDF head's tanh starts
@@ -53,6 +54,7 @@ NUM_LEVELS = 4
 DOWNSAMPLE_FACTOR = 2 ** (NUM_LEVELS - 1)
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 DOWNSAMPLE_MODES = ('separate', 'strided_block')
+HEAD_ACTIVATIONS = ('relu', 'none')
 
 
 def _upsample_nearest(x: jax.Array) -> jax.Array:
@@ -83,6 +85,7 @@ class DualTaskUNet(nn.Module):
   conv_impl: str = 'conv3d'
   downsample: str = 'separate'
   head_norm: bool = True
+  head_activation: str = 'none'
   kernel_init: str = 'torch_default'
 
   @nn.compact
@@ -133,7 +136,9 @@ class DualTaskUNet(nn.Module):
       x = block(width, 1, 1, f'decoder{stage}_block')(x)
 
     if self.head_norm:
-      x = nn.relu(group_norm(self.num_groups, self.dtype, name='head_norm')(x))
+      x = group_norm(self.num_groups, self.dtype, name='head_norm')(x)
+      if self.head_activation == 'relu':
+        x = nn.relu(x)
     # The bias starts at the logit of the expected foreground share: at 0 (p = 0.5 everywhere)
     # Adam needs thousands of steps to move it to the background's -4.
     prior_logit = math.log(self.foreground_prior / (1.0 - self.foreground_prior))
@@ -194,6 +199,9 @@ def _check_widths(model_config: ml_collections.ConfigDict) -> None:
                       f'must be divisible by model.num_groups={model_config.num_groups}')
   if model_config.dtype not in _DTYPES:
     raise ConfigError(f'model.dtype={model_config.dtype!r}; choose one of {tuple(_DTYPES)}')
+  if model_config.head_activation not in HEAD_ACTIVATIONS:
+    raise ConfigError(f'model.head_activation={model_config.head_activation!r}; '
+                      f'choose one of {HEAD_ACTIVATIONS}')
   if model_config.kernel_init not in KERNEL_INITS:
     raise ConfigError(f'model.kernel_init={model_config.kernel_init!r}; '
                       f'choose one of {KERNEL_INITS}')
@@ -225,6 +233,7 @@ def build_model(model_config: ml_collections.ConfigDict) -> DualTaskUNet:
       conv_impl=resolve_conv_impl(model_config.conv_impl),
       downsample=model_config.downsample,
       head_norm=model_config.head_norm,
+      head_activation=model_config.head_activation,
       kernel_init=model_config.kernel_init)
 
 

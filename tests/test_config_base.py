@@ -42,3 +42,5 @@ def test_a_saved_config_loads_on_todays_defaults_with_the_values_it_ran():
   # A key the run predates holds what the run computed; one it has no section for, today's default.
   assert config.augment.randconv_gain == math.sqrt(2.0)
   assert config.model.kernel_init == config_base.base_config().model.kernel_init
+  with_model = config_base.load_saved({'model': {'widths': [8, 16, 32, 64]}})
+  assert with_model.model.head_activation == 'relu' and with_model.model.kernel_init == 'he_normal'

@@ -163,12 +163,40 @@ def test_separate_layout_allows_levels_without_blocks():
   assert count == expected
 
 
-@pytest.mark.parametrize('key, value', [('downsample', 'pooling'), ('kernel_init', 'xavier')])
+@pytest.mark.parametrize('key, value', [('downsample', 'pooling'), ('kernel_init', 'xavier'),
+                                        ('head_activation', 'gelu')])
 def test_unknown_layout_or_initialiser_is_a_config_error(key, value):
   model_config = three_center.get_config('tiny').model
   model_config[key] = value
   with pytest.raises(ConfigError, match=f'model.{key}'):
     models.build_model(model_config)
+
+
+@pytest.mark.parametrize('activation', ['none', 'relu'])
+def test_heads_read_the_normalised_features_signed_unless_a_relu_follows(tiny_model_config,
+                                                                       tiny_variables, activation):
+  """A segmentation head reading one channel with no bias returns that channel: signed with
+  'none' (the default, docs/design.md "Heads"), clipped at 0 with 'relu'; the SDF head reads the
+  same channels."""
+  assert three_center.get_config('tiny').model.head_activation == 'none'
+  model_config = ml_collections.ConfigDict(tiny_model_config.to_dict())
+  model_config.head_activation = activation
+  model = models.build_model(model_config)
+  params = jax.tree.map(lambda x: x, tiny_variables['params'])
+  for head in ('segmentation_head', 'sdf_head'):
+    kernel = np.zeros(params[head]['kernel'].shape, np.float32)
+    kernel[..., 0, :] = 1.0  # every output reads channel 0 of the head's input
+    params[head] = {'kernel': jnp.asarray(kernel), 'bias': jnp.zeros_like(params[head]['bias'])}
+  images = jax.random.uniform(jax.random.PRNGKey(3), (1, 16, 32, 32, 1))
+  outputs = model.apply({'params': params}, images, train=False)
+  logits, sdf = np.asarray(outputs['logits']), np.asarray(outputs['sdf'])
+  np.testing.assert_allclose(sdf, np.tanh(logits), atol=1e-5)
+  # The group norm centres each channel: about half of a channel is negative before any ReLU.
+  negative_share = float(np.mean(logits < 0))
+  if activation == 'none':
+    assert 0.2 < negative_share < 0.8
+  else:
+    assert negative_share == 0.0 and float(np.mean(logits > 0)) > 0.2
 
 
 def test_strided_block_levels_without_blocks_are_a_config_error():
@@ -209,7 +237,7 @@ def test_torch_default_init_reaches_every_kernel_and_bias(tiny_model_config):
 
 @pytest.mark.parametrize('preset', ['quick', 'paper'])
 def test_outputs_start_near_the_foreground_prior_and_the_sdf_unsaturated(preset):
-  # Without the heads' GN-ReLU the un-normalised decoder sums give logits of standard deviation
+  # Without the heads' group norm the un-normalised decoder sums give logits of standard deviation
   # ~18 at initialisation (models/unet.py): a saturated tanh (no SDF gradient) and confident
   # wrong masks.
   config = three_center.get_config(preset)

@@ -13,9 +13,20 @@ import ml_collections
 
 from dualseg_jax import config_base
 
-# Strided convs as stride-1 convs read at every 2nd voxel: same numbers, much faster gradients on
-# XLA's CPU backend, which both CPU presets are for.
-_CPU = {'model.subsample_stride': True}
+# What both CPU presets share, each for XLA's CPU backend and minutes-long schedules.
+_CPU = {
+    # Strided convs as stride-1 convs read at every 2nd voxel: same numbers, much faster gradients.
+    'model.subsample_stride': True,
+    # XLA's CPU convolutions are slow at a few channels: 3 mm voxels keep the patches small.
+    'data.target_spacing_mm': (3.0, 3.0, 3.0),
+    # One block per level and one dilated block: a step in a fraction of a second.
+    'model.blocks': (1, 1, 1, 1),
+    'model.dilated_blocks': 1,
+    # Ten times the paper's rate: schedules of hundreds of steps, not 100k.
+    'optim.learning_rate': 1e-3,
+    # Each flip combination is one more pass over every predicted case: one pass on a CPU.
+    'inference.tta_flips': 1,
+}
 
 OVERRIDES: dict[str, dict[str, Any]] = {
     # The published recipe: config_base's values as they are.
@@ -23,21 +34,16 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     'quick': {
         **_CPU,
         'data.synthetic_cases_per_center': 8,
-        # XLA's CPU convolutions are slow at a few channels: 3 mm voxels and 24x48x48 patches
-        # (72x144x144 mm, the pancreas with its surroundings) keep a step near 0.25 s with
-        # depth-folded convolutions (model.conv_impl).
-        'data.target_spacing_mm': (3.0, 3.0, 3.0),
+        # At _CPU's 3 mm, 24x48x48 patches (72x144x144 mm, the pancreas with its surroundings)
+        # keep a step near 0.25 s with depth-folded convolutions (model.conv_impl).
         'data.patch_size': (24, 48, 48),
         'data.num_positions': 32,
-        # A quarter of the paper's widths, one block per level.
+        # A quarter of the paper's widths.
         'model.widths': (8, 16, 32, 64),
-        'model.blocks': (1, 1, 1, 1),
-        'model.dilated_blocks': 1,
         'model.fusion_width': 32,
         'model.embedding_dim': 16,
         'model.decoder_widths': (16, 8, 8),
         'model.num_groups': 4,
-        'optim.learning_rate': 1e-3,
         # 600 steps see 600 patches: the SDF terms at the paper's weight 1 and k = 1500 from the
         # start pull the shared decoder towards the distance field and the segmentation Dice stays
         # near 0 for hundreds of steps (docs/design.md, "Short schedules"); the paper preset
@@ -61,8 +67,6 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         'train.log_every': 10,
         'train.eval_every': 100,
         'train.checkpoint_every': 100,
-        # Each flip combination is one more pass over every held-out case: one pass on a CPU.
-        'inference.tta_flips': 1,
     },
     'tiny': {
         **_CPU,
@@ -73,25 +77,20 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         'model.kernel_init': 'he_normal',
         # The smallest data and network every code path runs on, in seconds on 2 CPU cores.
         'data.synthetic_cases_per_center': 3,
-        'data.target_spacing_mm': (3.0, 3.0, 3.0),
         'data.patch_size': (16, 32, 32),
         'data.num_positions': 8,
         'model.widths': (4, 8, 8, 8),
-        'model.blocks': (1, 1, 1, 1),
-        'model.dilated_blocks': 1,
         'model.fusion_width': 8,
         'model.embedding_dim': 8,
         'model.decoder_widths': (8, 4, 4),
         'model.num_groups': 2,
-        'optim.learning_rate': 1e-3,
         # Three steps that log, validate and checkpoint.
         'train.steps': 3,
         'train.log_every': 1,
         'train.grad_balance_every': 0,  # tests that need it switch it on
         'train.eval_every': 2,
         'train.checkpoint_every': 2,
-        # Less window overlap, more windows a batch, no flips: prediction in tests stays short.
-        'inference.tta_flips': 1,
+        # Less window overlap, more windows a batch: prediction in tests stays short.
         'inference.overlap': 0.25,
         'inference.windows_per_batch': 8,
     },

@@ -12,18 +12,8 @@ from dualseg_jax.data import io
 from dualseg_jax.data import pipeline
 from dualseg_jax.data import registry
 from dualseg_jax.errors import ConfigError, DataError
-
-
-def _data_config(**overrides):
-  data = config_base.base_config().data
-  for key, value in overrides.items():
-    setattr(data, key, value)
-  return data
-
-
-def _cases(center, count):
-  return [registry.Case(center, f'{center}_{i:02d}', f'/data/{center}/{i}.nii.gz',
-                        f'/data/{center}/{i}_seg.nii.gz') for i in range(count)]
+from tests.data.registry_cases import cases as _cases
+from tests.data.registry_cases import data_config as _data_config
 
 
 def _ids(cases):

@@ -7,9 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from dualseg_jax import config_base
 from dualseg_jax.data import registry
 from dualseg_jax.errors import ConfigError, DataError
+from tests.data.registry_cases import cases as _cases
+from tests.data.registry_cases import data_config as _data_config
 
 SHAPE = (6, 6, 4)
 
@@ -42,18 +43,6 @@ def _msd_center(root, case_ids, nnunet_names=False, with_json=True):
     (root / 'dataset.json').write_text(json.dumps({'name': 'Pancreas', 'training': training,
                                                    'test': []}))
   return root
-
-
-def _data_config(**overrides):
-  data = config_base.base_config().data
-  for key, value in overrides.items():
-    setattr(data, key, value)
-  return data
-
-
-def _cases(center, count):
-  return [registry.Case(center, f'{center}_{i:02d}', f'/data/{center}/{i}.nii.gz',
-                        f'/data/{center}/{i}_seg.nii.gz') for i in range(count)]
 
 
 @pytest.mark.parametrize('nnunet_names', [False, True])

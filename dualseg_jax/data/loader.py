@@ -38,8 +38,6 @@ from dualseg_jax.structures import EMBEDDING_STRIDE
 
 log = logging.getLogger('dualseg_jax')
 
-# Read by the loader benchmark (tools/bench/data.py); the mapping is structures.STAGE_STRUCTURES.
-_STAGE_STRUCTURES = structures.STAGE_STRUCTURES
 # Which structure's bounding box the training crops are taken around (data.roi_structure).
 ROI_STRUCTURES = structures.NAMES
 

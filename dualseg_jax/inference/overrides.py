@@ -13,6 +13,7 @@ import ml_collections
 
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.inference import postprocess
+from dualseg_jax.inference import sliding_window
 
 SECTION = 'inference'
 _TRUE, _FALSE = ('true', '1', 'yes'), ('false', '0', 'no')
@@ -69,19 +70,13 @@ def apply(config: ml_collections.ConfigDict, overrides: dict) -> ml_collections.
 
 
 def check(inference_config: ml_collections.ConfigDict) -> None:
-  """Impossible prediction settings fail here, naming the key, before a network is restored."""
+  """Impossible prediction settings fail here, naming the key: before a network is restored
+  (launch.predict) or before any data is read (training, whose validation predicts)."""
   settings = inference_config
-  if not 0.0 <= settings.overlap < 1.0:
-    raise ConfigError(f'inference.overlap = {settings.overlap}: choose a fraction in [0, 1)')
-  if not 1 <= settings.tta_flips <= 8:
-    raise ConfigError(f'inference.tta_flips = {settings.tta_flips}: choose 1 (no flips) to 8')
+  sliding_window.check_settings(settings.overlap, settings.windows_per_batch)
+  sliding_window.flip_combinations(settings.tta_flips)
+  postprocess.check_rule(settings.postprocess)
   if not 0.0 < settings.threshold < 1.0:
     raise ConfigError(f'inference.threshold = {settings.threshold}: choose a probability in (0, 1)')
-  if settings.postprocess not in postprocess.COMPONENT_RULES:
-    raise ConfigError(f'inference.postprocess = {settings.postprocess!r}: choose one of '
-                      f'{postprocess.COMPONENT_RULES}')
-  if settings.windows_per_batch < 1:
-    raise ConfigError(f'inference.windows_per_batch = {settings.windows_per_batch}: must be at '
-                      'least 1')
   if settings.checkpoint not in ('best', 'latest'):
     raise ConfigError(f'inference.checkpoint = {settings.checkpoint!r}: choose best or latest')

@@ -19,6 +19,12 @@ COMPONENT_RULES = ('none', 'largest', 'fraction', 'min_volume', 'largest_probabi
 _FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
+def check_rule(rule: str) -> None:
+  """An unknown component rule fails here, named by its config key."""
+  if rule not in COMPONENT_RULES:
+    raise ConfigError(f'inference.postprocess = {rule!r}: choose one of {COMPONENT_RULES}')
+
+
 def keep_components(mask: np.ndarray, rule: str, fraction: float = 0.5,
                     spacing_mm: Sequence[float] | None = None, min_volume_mm3: float = 0.0,
                     probabilities: np.ndarray | None = None) -> np.ndarray:
@@ -32,8 +38,7 @@ def keep_components(mask: np.ndarray, rule: str, fraction: float = 0.5,
   `probabilities` (same shape as the mask) sum highest, and every one above `fraction` times that
   mass: a confident organ outweighs a larger blob of borderline voxels.
   """
-  if rule not in COMPONENT_RULES:
-    raise ConfigError(f'inference.postprocess = {rule!r}: choose one of {COMPONENT_RULES}')
+  check_rule(rule)
   if rule == 'min_volume' and spacing_mm is None:
     raise ValueError("keep_components(rule='min_volume') needs the voxel spacing_mm")
   if rule == 'largest_probability_mass' and probabilities is None:

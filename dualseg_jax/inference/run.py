@@ -247,23 +247,14 @@ def predict_with_models(model_paths: Sequence[str | pathlib.Path],
                            save_probabilities=save_probabilities, resume=resume)
 
 
-def predict_cases_with_cascade(predictors: dict[str, cascade_lib.StagePredictor],
-                               pancreas_margin_vox: Sequence[int], tumour_margin_vox: Sequence[int],
+def predict_cases_with_cascade(predict: Callable[[Volume], cascade_lib.CascadeOutput],
                                input_path: str | pathlib.Path, output_dir: str | pathlib.Path,
-                               tta_flips: int | None = None, overwrite: bool = False,
-                               resume: bool = False,
-                               tumour_coarse_margin_vox: Sequence[int] | None = None,
-                               tumour_rounds: int = 1) -> list[dict[str, pathlib.Path]]:
-  """Predicts every case under `input_path` with the four cascade stages (regions as
-  `cascade.cascade_predict`); writes per case <case>.nii.gz (uint8 0/1/2, the input's exact shape
-  and affine) and <case>_notes.json (what the cascade could not do, e.g. an empty pancreas
-  region, and the boxes the later stages saw)."""
-  def predict(volume):
-    return cascade_lib.cascade_predict(volume, predictors, pancreas_margin_vox, tumour_margin_vox,
-                                       tta_flips=tta_flips,
-                                       tumour_coarse_margin_vox=tumour_coarse_margin_vox,
-                                       tumour_rounds=tumour_rounds)
-
+                               overwrite: bool = False, resume: bool = False
+                               ) -> list[dict[str, pathlib.Path]]:
+  """Predicts every case under `input_path` with the cascade's `predict` (e.g. CascadeSpec.predict
+  or `cascade.cascade_predict` with its predictors and regions bound); writes per case
+  <case>.nii.gz (uint8 0/1/2, the input's exact shape and affine) and <case>_notes.json (what the
+  cascade could not do, e.g. an empty pancreas region, and the boxes the later stages saw)."""
   with locks.hold(output_dir, LOCK_PURPOSE):
     planned = plan_outputs(input_path, output_dir, overwrite=overwrite, notes=True, resume=resume)
     predict_planned_with_cascade(predict, planned, resume)

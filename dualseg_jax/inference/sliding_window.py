@@ -32,6 +32,14 @@ FLIP_COMBINATIONS: tuple[tuple[int, ...], ...] = (
 GAUSSIAN_SIGMA_FRACTION = 1.0 / 8.0
 
 
+def check_settings(overlap: float, windows_per_batch: int) -> None:
+  """Window settings no prediction can run with fail here, named by their config keys."""
+  if not 0.0 <= overlap < 1.0:
+    raise ConfigError(f'inference.overlap = {overlap}: choose a fraction in [0, 1)')
+  if windows_per_batch < 1:
+    raise ConfigError(f'inference.windows_per_batch = {windows_per_batch}: must be at least 1')
+
+
 def flip_combinations(num_flips: int) -> tuple[tuple[int, ...], ...]:
   """The first `num_flips` entries of FLIP_COMBINATIONS (1 = no test-time flips)."""
   if not 1 <= num_flips <= len(FLIP_COMBINATIONS):
@@ -170,10 +178,7 @@ def sliding_window_inference(
     dict with `probabilities` and `sdf`, float32 (D, H, W, C); `weights` (D, H, W) when asked
     (0 outside the region).
   """
-  if not 0.0 <= overlap < 1.0:
-    raise ConfigError(f'inference.overlap = {overlap}: choose a fraction in [0, 1)')
-  if windows_per_batch < 1:
-    raise ConfigError(f'inference.windows_per_batch = {windows_per_batch}: must be at least 1')
+  check_settings(overlap, windows_per_batch)
   if not flips:
     raise ConfigError('inference.tta_flips: at least the plain (unflipped) prediction is needed')
   image = np.asarray(image, dtype=np.float32)

@@ -22,7 +22,6 @@ from dualseg_jax import files
 from dualseg_jax import run_dir
 from dualseg_jax.run_dir import state_checksums
 # Training's own callers (the loop, its checks) read a run's disk use and parameters from here.
-from dualseg_jax.run_dir import bytes_on_disk, restore_params
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,11 @@ from tqdm import tqdm
 from dualseg_jax import config_base
 from dualseg_jax import files
 from dualseg_jax import locks
+from dualseg_jax import run_dir
 from dualseg_jax import signals
 from dualseg_jax.errors import ConfigError, StorageError
+from dualseg_jax.evaluation import held_out
+from dualseg_jax.inference import overrides as inference_overrides
 from dualseg_jax.train import balance as balance_lib
 from dualseg_jax.train import checkpoint as checkpoint_lib
 from dualseg_jax.train import parallel
@@ -90,6 +93,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                       f'model.num_groups={config.model.num_groups}')
   if config.loss.transform not in ('smooth', 'hard'):
     raise ConfigError(f'loss.transform={config.loss.transform!r}: choose smooth or hard')
+  # Validation and the held-out report predict with these: fail now, not after training.
+  inference_overrides.check(config.inference)
   if config.data.fold == -1 and config.data.test_center and config.data.test_center not in config.data.centers:
     raise ConfigError(f'data.test_center={config.data.test_center!r} is not one of data.centers='
                       f'{tuple(config.data.centers)}')
@@ -154,7 +159,7 @@ def _check_free_space(config: ml_collections.ConfigDict, workdir: pathlib.Path) 
   checkpoint_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
   # The latest train.keep_checkpoints, the best, and one being written before the oldest goes.
   copies = config.train.keep_checkpoints + 2
-  saved_bytes = sum(checkpoint_lib.bytes_on_disk(workdir / folder)
+  saved_bytes = sum(run_dir.bytes_on_disk(workdir / folder)
                     for folder in ('checkpoints', 'best'))
   need = max(0, copies * checkpoint_bytes - saved_bytes) + _OUTPUTS_MARGIN_BYTES
   free = shutil.disk_usage(workdir).free
@@ -402,7 +407,7 @@ def _evaluate_held_out(config: ml_collections.ConfigDict, workdir: pathlib.Path,
     with files.writing('the held-out evaluation', report_dir):
       return validate_lib.evaluate_test_center(config, workdir, data.split.test,
                                                tag=data.test_tag), False
-  except validate_lib.HeldOutEvaluationStopped:
+  except held_out.HeldOutEvaluationStopped:
     return None, True  # it logged what is kept; rerunning the command finishes the report
 
 

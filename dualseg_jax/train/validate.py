@@ -16,7 +16,6 @@ from dualseg_jax.data import io
 from dualseg_jax.evaluation import held_out
 from dualseg_jax.evaluation import metrics as metrics_lib
 # What evaluate_test_center raises and writes; the loop and the tests name them here.
-from dualseg_jax.evaluation.held_out import PREDICTED_WITH, HeldOutEvaluationStopped
 from dualseg_jax.inference import predictor as predictor_lib
 from dualseg_jax.inference import run as run_lib
 
@@ -79,7 +78,7 @@ def evaluate_test_center(config: ml_collections.ConfigDict, workdir: pathlib.Pat
   """Predicts the held-out cases with the run's best parameters and writes the evaluation report
   to workdir/evaluation/<tag>/ (held_out.evaluate: predictions an earlier, interrupted call made
   with the same parameters and settings are kept; SIGTERM / Ctrl-C raises
-  HeldOutEvaluationStopped). None when no test case has a label."""
+  held_out.HeldOutEvaluationStopped). None when no test case has a label."""
   cases = [case for case in test_cases if case.label_path]
   if not cases:
     log.warning('no labelled test cases to evaluate')

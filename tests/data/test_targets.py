@@ -1,6 +1,5 @@
 """Host-side targets against analytic shapes and slow loop re-implementations."""
 
-import itertools
 
 import numpy as np
 import pytest

@@ -113,8 +113,9 @@ def test_a_pancreas_stage_that_finds_nothing_gives_an_empty_map_and_a_note(
   silent.config = ml_collections.ConfigDict(silent.config.to_dict())
   silent.config.inference.threshold = 1.0  # no probability lies above 1
   predictors['pancreas_coarse'] = silent
-  written = run.predict_cases_with_cascade(predictors, (2, 4, 4), (1, 2, 2), held_out_image,
-                                           tmp_path / 'out')
+  written = run.predict_cases_with_cascade(
+      lambda volume: cascade.cascade_predict(volume, predictors, (2, 4, 4), (1, 2, 2)),
+      held_out_image, tmp_path / 'out')
   source, output = nib.load(held_out_image), nib.load(written[0]['label'])
   assert output.shape == source.shape
   np.testing.assert_array_equal(output.affine, source.affine)

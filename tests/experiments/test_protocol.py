@@ -3,7 +3,6 @@ commands match what each run wrote."""
 
 import csv
 import json
-import pathlib
 
 import numpy as np
 import pytest

@@ -222,13 +222,19 @@ def _threshold_stages():
           for stage in cascade.CASCADE_STAGES}
 
 
+def _threshold_cascade():
+  """The threshold stages with pancreas margin (1, 1, 1) and tumour margin (0, 1, 1)."""
+  stages = _threshold_stages()
+  return lambda volume: cascade.cascade_predict(volume, stages, (1, 1, 1), (0, 1, 1))
+
+
 def test_cascade_outputs_in_the_input_geometry_with_notes_and_overwrite_refusal(tmp_path):
   inputs = tmp_path / 'inputs'
   inputs.mkdir()
   planted = _write_planted(inputs / 'a.nii.gz')
   _write_planted(inputs / 'b.nii', with_pancreas=False)
   output = tmp_path / 'out'
-  written = run.predict_cases_with_cascade(_threshold_stages(), (1, 1, 1), (0, 1, 1), inputs, output)
+  written = run.predict_cases_with_cascade(_threshold_cascade(), inputs, output)
   assert [paths['label'].name for paths in written] == ['a.nii.gz', 'b.nii.gz']
   assert [paths['notes'].name for paths in written] == ['a_notes.json', 'b_notes.json']
   for paths, expected in zip(written, (planted, np.zeros_like(planted))):
@@ -250,10 +256,9 @@ def test_cascade_outputs_in_the_input_geometry_with_notes_and_overwrite_refusal(
   with pytest.raises(DataError, match=r'b_notes\.json already exists.*--overwrite'):
     run.predict_with_cascade(tmp_path / 'no_cascade', inputs / 'b.nii', output)
   with pytest.raises(DataError, match=r'a\.nii\.gz already exists \(and 2 more outputs\).*--overwrite'):
-    run.predict_cases_with_cascade(_threshold_stages(), (1, 1, 1), (0, 1, 1), inputs, output)
+    run.predict_cases_with_cascade(_threshold_cascade(), inputs, output)
   assert (output / 'a.nii.gz').stat().st_mtime_ns == before and not (output / 'b.nii.gz').exists()
-  run.predict_cases_with_cascade(_threshold_stages(), (1, 1, 1), (0, 1, 1), inputs, output,
-                                 overwrite=True)
+  run.predict_cases_with_cascade(_threshold_cascade(), inputs, output, overwrite=True)
   assert (output / 'b.nii.gz').exists()
 
 

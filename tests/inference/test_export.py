@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 
 from dualseg_jax import config_base
+from dualseg_jax import run_dir
 from dualseg_jax.errors import ConfigError, DataError
 from dualseg_jax.inference import model_dir
 from dualseg_jax.inference import overrides
 from dualseg_jax.inference import predictor as predictor_lib
 from dualseg_jax.inference import run
-from dualseg_jax.train import checkpoint as checkpoint_lib
 from dualseg_jax.train import loop
 from tests.conftest import PROJECT_ROOT, tiny_run_config
 from tests.inference.helpers import random_params, save_params_for_test
@@ -83,7 +83,7 @@ def test_the_export_holds_the_parameters_only(trained_run, exported):
   out_dir, info = exported
   assert sorted(path.name for path in out_dir.iterdir()) == [
       'config.json', 'model.json', 'model_card.md', 'params.msgpack']
-  params, step = checkpoint_lib.restore_params(trained_run, which='best')
+  params, step = run_dir.restore_params(trained_run, which='best')
   saved = flax.serialization.msgpack_restore((out_dir / 'params.msgpack').read_bytes())
   # The parameter tree and nothing else: no optimizer moments, no step, no iterator.
   assert jax.tree.structure(saved) == jax.tree.structure(params)

@@ -106,12 +106,18 @@ def test_the_terms_gradients_add_up_to_the_train_steps(setup, term_gradients):
   step_gradient = {key: new_state.opt_state[key] for key in ENCODER}
   summed = jax.tree.map(lambda *gradients: sum(gradients), *term_gradients.values())
   assert sorted(summed) == sorted(ENCODER)
-  # float32 sums in another order: per block, equal up to 1e-4 of the summed terms' sizes (the
-  # terms partly cancel, so their sizes, not the sum's, set the rounding).
+  # float32 sums in another order: per block, equal up to 4e-4 of the summed terms' sizes (the
+  # terms partly cancel, so their sizes, not the sum's, set the rounding). Measured: 0.5-1.3e-4
+  # with the heads reading signed features (every channel carries the SDF path that the
+  # transform multiplies by k), 0.3-1.0e-5 with a ReLU before the heads; the difference is
+  # uncorrelated with each term's gradient (|cosine| <= 0.32), i.e. rounding. The smallest term,
+  # consistency, is 1.5-3.3e-3 of the sizes: a term missing from the step still fails here.
   for key in ENCODER:
     difference = jax.tree.map(jnp.subtract, summed[key], step_gradient[key])
     terms_size = sum(float(optax.global_norm(gradient[key])) for gradient in term_gradients.values())
-    assert float(optax.global_norm(difference)) <= 1e-4 * terms_size, key
+    smallest = min(float(optax.global_norm(gradient[key])) for gradient in term_gradients.values())
+    assert smallest > 3 * 4e-4 * terms_size, key  # the bound below tells every term apart
+    assert float(optax.global_norm(difference)) <= 4e-4 * terms_size, key
     assert float(optax.global_norm(step_gradient[key])) > 100 * 1e-4 * terms_size, key
 
 

@@ -15,12 +15,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from dualseg_jax import run_dir
 from dualseg_jax.data import pipeline
 from dualseg_jax.tools import kill_resume
-from dualseg_jax.train import checkpoint as checkpoint_lib
 from dualseg_jax.train import loop
-from tests.conftest import tiny_run_config
 from dualseg_jax.train import reporting
+from tests.conftest import tiny_run_config
 
 STEPS = 10  # of the subprocess runs; one checkpoint per step
 CACHE = os.environ.get('DUALSEG_TEST_COMPILATION_CACHE', '/tmp/dualseg_jax_test_xla_cache')
@@ -167,7 +167,7 @@ def test_corrupted_latest_checkpoint_is_reported_and_the_previous_one_used(
   original = kill_resume.loss_rows(three_steps)[0]
   assert kill_resume.loss_rows(workdir) == (original, [])
   _assert_trees_equal(_restore_state(workdir, 3), _restore_state(three_steps, 3))
-  assert checkpoint_lib.restore_params(workdir, 'latest')[1] == 3
+  assert run_dir.restore_params(workdir, 'latest')[1] == 3
 
 
 # --- 3. Non-finite losses ----------------------------------------------------------------------
@@ -217,7 +217,7 @@ def test_non_finite_steps_stop_the_run_with_the_last_good_state_saved(phantom_ro
   _assert_trees_equal(final['opt_state'], last_good['opt_state'])
   assert int(final['bad_steps']) == 2 and int(final['total_bad_steps']) == 2
   assert int(final['step']) == 5
-  assert checkpoint_lib.restore_params(workdir, 'latest')[1] == 5
+  assert run_dir.restore_params(workdir, 'latest')[1] == 5
 
 
 # --- 4. SIGTERM ----------------------------------------------------------------------------------

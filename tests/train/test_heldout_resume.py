@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from dualseg_jax.data.registry import Case
+from dualseg_jax.evaluation import held_out
 from dualseg_jax.evaluation import metrics as metrics_lib
 from dualseg_jax.inference import predictor as predictor_lib
 from dualseg_jax.train import validate
@@ -70,7 +71,7 @@ def test_sigterm_stops_the_held_out_evaluation_and_a_rerun_finishes_it(
   # SIGTERM while the second case's windows are predicted: that case is abandoned, none after it
   # is started, the first stays.
   on_call[2] = _sigterm_to_self
-  with pytest.raises(validate.HeldOutEvaluationStopped,
+  with pytest.raises(held_out.HeldOutEvaluationStopped,
                      match=r'signal 15 with 1 of 3 case\(s\) predicted.*rerun the same command'):
     validate.evaluate_test_center(tiny_config, workdir, cases, tag='test_center_c')
   assert signal.getsignal(signal.SIGTERM) is handler_before
@@ -78,7 +79,7 @@ def test_sigterm_stops_the_held_out_evaluation_and_a_rerun_finishes_it(
   assert sorted(path.name for path in predictions.iterdir()) == [
       '.dualseg.lock', 'case_0.nii.gz', 'predicted_with.json']
   assert not (out_dir / 'summary.json').exists()
-  record = json.loads((predictions / validate.PREDICTED_WITH).read_text())
+  record = json.loads((predictions / held_out.PREDICTED_WITH).read_text())
   assert record['checkpoint'] == 'best' and record['step'] == 1
   first_case = (predictions / 'case_0.nii.gz').stat().st_mtime_ns
 
@@ -95,7 +96,7 @@ def test_sigterm_stops_the_held_out_evaluation_and_a_rerun_finishes_it(
     return original_case_metrics(*args, **kwargs)
 
   monkeypatch.setattr(metrics_lib, 'case_metrics', interrupted_case_metrics)
-  with pytest.raises(validate.HeldOutEvaluationStopped, match='stopped while scoring.*rerun'):
+  with pytest.raises(held_out.HeldOutEvaluationStopped, match='stopped while scoring.*rerun'):
     validate.evaluate_test_center(tiny_config, workdir, cases, tag='test_center_c')
   assert names == ['case_1.nii.gz', 'case_2.nii.gz']
   assert not any((out_dir / name).exists()
@@ -120,4 +121,4 @@ def test_sigterm_stops_the_held_out_evaluation_and_a_rerun_finishes_it(
     validate.evaluate_test_center(tiny_config, workdir, cases, tag='test_center_c')
   assert names == [f'case_{index}.nii.gz' for index in range(NUM_CASES)]
   assert 'were made with other parameters or settings (checkpoint best step 1' in caplog.text
-  assert json.loads((predictions / validate.PREDICTED_WITH).read_text())['step'] == 2
+  assert json.loads((predictions / held_out.PREDICTED_WITH).read_text())['step'] == 2

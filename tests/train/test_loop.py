@@ -24,7 +24,7 @@ def _losses(workdir):
 
 
 def _params(workdir):
-  from dualseg_jax.train.checkpoint import restore_params
+  from dualseg_jax.run_dir import restore_params
   params, step = restore_params(workdir, which='latest')
   return params, step
 
@@ -81,7 +81,7 @@ def test_two_devices_match_one(phantom_root, tmp_path):
   for step in (2, 3):
     assert losses_two[step] == pytest.approx(losses_one[step], rel=1e-3)
   # A process with one device reads the checkpoint two devices wrote (predicting after training).
-  script = ('import jax, sys; from dualseg_jax.train.checkpoint import restore_params; '
+  script = ('import jax, sys; from dualseg_jax.run_dir import restore_params; '
             'params, step = restore_params(sys.argv[1], "latest"); '
             'print(jax.device_count(), step, len(jax.tree.leaves(params)))')
   environment = {key: value for key, value in os.environ.items() if key != 'XLA_FLAGS'}
@@ -125,6 +125,10 @@ def test_an_attempt_that_failed_before_config_json_binds_nothing(phantom_root, t
     ('data.test_center', 'center_x', 'center_x'),
     ('model.num_classes', 3, 'model.num_classes'),
     ('loss.transform', 'soft', 'loss.transform'),
+    # Validation and the held-out report predict with the inference settings.
+    ('inference.overlap', 1.0, r'inference.overlap = 1.0: choose a fraction'),
+    ('inference.postprocess', 'biggest', 'inference.postprocess'),
+    ('inference.tta_flips', 9, 'inference.tta_flips = 9'),
 ])
 def test_impossible_configs_fail_before_any_work(tmp_path, key, value, message):
   config = _config(tmp_path / 'never_generated', steps=1, **{key: value})

@@ -9,6 +9,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from dualseg_jax import structures as structures_lib
 from dualseg_jax.data import loader
 from dualseg_jax.data import preprocess
 from dualseg_jax.data import registry
@@ -105,12 +106,11 @@ def target_agreement(config: ml_collections.ConfigDict, num_batches: int = 20,
   distances"): soft Dice per structure and k, mean and minimum over the patches holding it."""
   import jax  # deferred: the host part needs no accelerator
   from dualseg_jax.data import augment as augment_lib
-  from dualseg_jax.data import pipeline  # deferred: pulls in jax
 
   config, cache, iterator = training_batches(config)
   augment_fn = jax.jit(lambda key, b: augment_lib.augment_batch(
       key, b, config.augment, cache.settings.target_spacing_mm, config.loss.slice_min_voxels))
-  structures = loader._STAGE_STRUCTURES[config.stage]
+  structures = structures_lib.STAGE_STRUCTURES[config.stage]
   scores = {(name, k): [] for name in structures for k in sharpness}
   for index in range(num_batches):
     out = jax.device_get(augment_fn(jax.random.key(index), next(iterator)))

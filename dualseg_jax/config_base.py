@@ -130,7 +130,7 @@ def base_config() -> ml_collections.ConfigDict:
   model.num_classes = 2  # joint: (pancreas incl. tumour, tumour)
   # Initial foreground probability of every voxel (the logits' bias); patches hold ~1-5% foreground.
   model.foreground_prior = 0.02
-  # GN-ReLU before the 1x1 segmentation and SDF heads (the method has none): without it the
+  # A group norm before the 1x1 segmentation and SDF heads (the method has none): without it the
   # weight-standardised decoder's logits start with a standard deviation of ~18 at paper scale
   # and the SDF's tanh saturated on >90% of voxels (models/unet.py).
   model.head_norm = True

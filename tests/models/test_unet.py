@@ -126,7 +126,7 @@ def test_reference_coarse_model_has_the_reference_parameter_count():
 
 
 def test_strided_block_layout_keeps_its_parameter_count_and_names():
-  """downsample='strided_block' with the heads' GN-ReLU and the joint stage's 2 channels: the
+  """downsample='strided_block' with the heads' group norm and the joint stage's 2 channels: the
   layout whose checkpoints must keep restoring, 16,686,340 parameters, levels 1-3 striding inside
   their first block (with its 1x1 shortcut), no downsampling units."""
   model_config = three_center.get_config('paper').model

@@ -131,6 +131,47 @@ def _check_workdir(config, workdir: pathlib.Path, allow_config_change: bool) -> 
   return current
 
 
+class PhaseTimes:
+  """Wall time of one command's phases: where a run's minutes go (printed at its end and written
+  to timing.json). Dispatch is asynchronous, so a step's device time can land in the phase that
+  next waits for it; that is at most one step per phase boundary."""
+
+  PHASES = ('data', 'compile', 'training', 'validation', 'checkpoints', 'held-out evaluation')
+
+  def __init__(self):
+    self.seconds = dict.fromkeys(self.PHASES, 0.0)
+
+  @contextlib.contextmanager
+  def phase(self, name: str):
+    started = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[name] += time.perf_counter() - started
+
+  def breakdown(self, wall_time_s: float) -> dict[str, float]:
+    """Seconds per phase, plus 'other' (setup, plots, the rest) so that they sum to the wall time."""
+    other = max(0.0, wall_time_s - sum(self.seconds.values()))
+    return {**{name: round(value, 2) for name, value in self.seconds.items()},
+            'other': round(other, 2), 'total': round(wall_time_s, 2)}
+
+
+def format_breakdown(seconds: dict[str, float]) -> str:
+  """'data 12 s (4%), compile 30 s (10%), ...' for the phases that took time."""
+  total = seconds.get('total') or sum(seconds.values())
+  parts = [f'{name} {_format_seconds(value)} ({100 * value / total:.0f}%)'
+           for name, value in seconds.items() if name != 'total' and value >= 0.05 and total > 0]
+  return ', '.join(parts)
+
+
+def _format_seconds(value: float) -> str:
+  return f'{value:.1f} s' if value < 90 else f'{value / 60:.1f} min'
+
+
+# Where the last command's minutes went, per phase (PhaseTimes.breakdown), in the workdir.
+TIMING_FILE = 'timing.json'
+
+
 @dataclasses.dataclass
 class RunResult:
   workdir: pathlib.Path
@@ -139,6 +180,8 @@ class RunResult:
   stopped_early: bool
   best_val_dice: float | None
   test_summary: dict | None
+  # Seconds per phase of this command (PhaseTimes.breakdown); empty for a result built elsewhere.
+  time_breakdown: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _shardings_for(state, mesh):
@@ -213,23 +256,30 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path
                         cleanup: contextlib.ExitStack) -> RunResult:
   from dualseg_jax.data import pipeline  # deferred: data modules pull in grain and scipy
 
-  started = time.time()
+  started, times = time.time(), PhaseTimes()
   pipeline.resolve_data_root(config)
   resolved_config = _check_workdir(config, workdir, allow_config_change)
   _check_free_space(config, workdir)
   log.info('preset %s; stage %s; workdir %s', config.preset, config.stage, workdir)
   mesh = mesh or parallel.make_mesh()
   parallel.check_global_batch(config.data.batch_size, mesh)
-  data = pipeline.prepare(config, workdir)
+  with times.phase('data'):
+    data = pipeline.prepare(config, workdir)
 
-  trained = _train(config, workdir, data, mesh, resolved_config, stop_at_step, cleanup)
+  trained = _train(config, workdir, data, mesh, resolved_config, stop_at_step, cleanup, times)
   test_summary, stopped_early = None, trained.stopped_early
   if not stopped_early and config.train.evaluate_test_center and jax.process_index() == 0:
-    test_summary, stopped_early = _evaluate_held_out(
-        config, workdir, data, finished_earlier=trained.start_step == config.train.steps)
+    with times.phase('held-out evaluation'):
+      test_summary, stopped_early = _evaluate_held_out(
+          config, workdir, data, finished_earlier=trained.start_step == config.train.steps)
+  wall_time_s = time.time() - started
+  breakdown = times.breakdown(wall_time_s)
+  if jax.process_index() == 0:
+    files.write_json(workdir / TIMING_FILE, breakdown)
   return RunResult(workdir=workdir, final_step=trained.final_step,
-                   wall_time_s=time.time() - started, stopped_early=stopped_early,
-                   best_val_dice=trained.best_val_dice, test_summary=test_summary)
+                   wall_time_s=wall_time_s, stopped_early=stopped_early,
+                   best_val_dice=trained.best_val_dice, test_summary=test_summary,
+                   time_breakdown=breakdown)
 
 
 @dataclasses.dataclass
@@ -242,7 +292,7 @@ class _Training:
 
 def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, data, mesh,
            resolved_config: dict, stop_at_step: int | None,
-           cleanup: contextlib.ExitStack) -> _Training:
+           cleanup: contextlib.ExitStack, times: PhaseTimes) -> _Training:
   """Trains from the latest checkpoint in `workdir` (or from the start) to train.steps, validating
   and checkpointing on the way; a stop request (or `stop_at_step`) saves a checkpoint and returns."""
   from dualseg_jax.data import pipeline  # deferred: data modules pull in grain and scipy
@@ -277,38 +327,44 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, data, mesh,
   # Closing the bar on an error ends its line, so that the error's message starts a line of its own.
   with signals.StopOnSignal('saving a checkpoint, then stopping') as stop, bar:
     while step < settings.steps:
-      batch = parallel.to_global_batch(next(iterator), sharding)
-      # Read before the step donates the state; logged with the row of the step it describes.
-      balance = (encoder_balance(state, batch) if encoder_balance is not None
-                 and (step + 1) % settings.grad_balance_every == 0 else None)
-      state, metrics = train_step(state, batch)
-      step += 1
-      last = step == settings.steps
-      logged = step % settings.log_every == 0 or last
-      writer.step_done(step, ({**metrics, **balance} if balance is not None
-                              else metrics if logged else None))
-      # Reading the counter waits for the step; doing it only at log steps keeps the host one
-      # batch ahead of the device in between. Skipped steps leave the parameters as they were,
-      # so a late stop still saves the last good parameters.
-      if logged and settings.max_bad_steps and int(state.bad_steps) >= settings.max_bad_steps:
-        _save_and_stop_on_bad_steps(step, state, iterator, checkpointer, writer, workdir)
+      # The command's first step compiles the step function (jit traces and compiles on call).
+      with times.phase('compile' if step == start_step else 'training'):
+        batch = parallel.to_global_batch(next(iterator), sharding)
+        # Read before the step donates the state; logged with the row of the step it describes.
+        balance = (encoder_balance(state, batch) if encoder_balance is not None
+                   and (step + 1) % settings.grad_balance_every == 0 else None)
+        state, metrics = train_step(state, batch)
+        step += 1
+        last = step == settings.steps
+        logged = step % settings.log_every == 0 or last
+        writer.step_done(step, ({**metrics, **balance} if balance is not None
+                                else metrics if logged else None))
+        # Reading the counter waits for the step; doing it only at log steps keeps the host one
+        # batch ahead of the device in between. Skipped steps leave the parameters as they were,
+        # so a late stop still saves the last good parameters.
+        if logged and settings.max_bad_steps and int(state.bad_steps) >= settings.max_bad_steps:
+          _save_and_stop_on_bad_steps(step, state, iterator, checkpointer, writer, workdir)
       if settings.eval_every and (step % settings.eval_every == 0 or last):
-        writer.flush()
-        best_dice = _validate(validator, step, state, writer, checkpointer, best_dice, workdir)
+        with times.phase('validation'):
+          writer.flush()
+          best_dice = _validate(validator, step, state, writer, checkpointer, best_dice, workdir)
       stopping = stop.requested or step == stop_at_step
       checkpoint_due = step % settings.checkpoint_every == 0 or last
       if stopping or checkpoint_due:
         # The step's metrics row goes out before its checkpoint: a kill between the two must not
         # leave a checkpoint that resumes past a row metrics.jsonl never got.
         writer.flush()
-      if checkpoint_due:
-        checkpointer.save(step, state, iterator)
+      with times.phase('checkpoints'):
+        if checkpoint_due:
+          checkpointer.save(step, state, iterator)
+        if stopping:
+          checkpointer.save(step, state, iterator, force=True)
       if stopping:
-        checkpointer.save(step, state, iterator, force=True)
         stopped_early = True
         break
     writer.flush()
-  checkpointer.wait()
+  with times.phase('checkpoints'):
+    checkpointer.wait()
   if jax.process_index() == 0 and metrics_log.rows:
     reporting.plot_curves(metrics_log.rows, workdir / 'curves.png')
   checkpointer.close()
@@ -431,6 +487,9 @@ def print_summary(result: RunResult) -> None:
            f'  checkpoints: {result.workdir / "checkpoints"} (best: {result.workdir / "best"})',
            f'  metrics:     {result.workdir / "metrics.jsonl"}',
            f'  curves:      {result.workdir / "curves.png"}']
+  if result.time_breakdown:
+    lines.append(f'  time:        {format_breakdown(result.time_breakdown)} '
+                 f'({result.workdir / TIMING_FILE})')
   if result.best_val_dice is not None:
     lines.append(f'  best validation Dice (mean over structures): {result.best_val_dice:.4f}')
   if result.test_summary is not None:

@@ -44,6 +44,24 @@ def test_three_steps_write_checkpoints_metrics_and_plot(phantom_root, tmp_path):
   assert len(validation) == 1 and 0.0 <= validation[0]['val/dice_mean'] <= 1.0
   assert (workdir / 'curves.png').stat().st_size > 1000
   assert (workdir / 'best').exists()
+  # Where the minutes went: every phase ran, and the phases with 'other' sum to the wall time.
+  timing = json.loads((workdir / loop.TIMING_FILE).read_text())
+  assert timing == result.time_breakdown
+  assert all(timing[phase] > 0 for phase in ('data', 'compile', 'training', 'validation',
+                                             'checkpoints'))
+  assert timing['held-out evaluation'] == 0  # the tiny run config turns it off
+  parts = sum(value for name, value in timing.items() if name != 'total')
+  assert parts == pytest.approx(timing['total'], abs=0.1)
+  assert abs(timing['total'] - result.wall_time_s) < 0.01
+
+
+def test_the_summary_says_where_the_time_went(tmp_path, capsys):
+  breakdown = {'data': 12.0, 'compile': 30.0, 'training': 240.0, 'validation': 0.0,
+               'checkpoints': 3.0, 'held-out evaluation': 60.0, 'other': 5.0, 'total': 350.0}
+  loop.print_summary(loop.RunResult(tmp_path, 600, 350.0, False, 0.5, None, breakdown))
+  printed = capsys.readouterr().out
+  assert ('time:        data 12.0 s (3%), compile 30.0 s (9%), training 4.0 min (69%), '
+          'checkpoints 3.0 s (1%), held-out evaluation 60.0 s (17%), other 5.0 s (1%)') in printed
 
 
 def test_resume_continues_exactly(phantom_root, tmp_path):

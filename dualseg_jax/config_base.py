@@ -34,6 +34,8 @@ VALUES_BEFORE_KEYS: dict[str, Any] = {
     'augment.noise_prob': 1.0,
     'experiments.cascade_recipe': 'uniform',
     'experiments.cascade_tumour_rounds': 1,
+    # Every stage trained train.steps.
+    'experiments.cascade_epochs': (),
     # A ReLU followed the heads' group norm.
     'model.head_activation': 'relu',
 }
@@ -272,6 +274,11 @@ def base_config() -> ml_collections.ConfigDict:
   # consistency, tumour fine the slice head).
   experiments.cascade_recipe = 'reference'
   experiments.cascade_coarse_spacing_factor = (1.0, 2.0, 2.0)  # (z, y, x)
+  # Each stage's schedule in the reference's terms: epochs over the split's training cases (batch
+  # 1: one step per case and epoch), in the order pancreas_coarse, pancreas_fine, tumour_coarse,
+  # tumour_fine; a stage trains epochs x ceil(training cases / data.batch_size) steps.
+  # (): every stage trains train.steps.
+  experiments.cascade_epochs = (150, 150, 800, 800)
   return config
 
 

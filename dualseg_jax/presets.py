@@ -26,6 +26,8 @@ _CPU = {
     'optim.learning_rate': 1e-3,
     # Each flip combination is one more pass over every predicted case: one pass on a CPU.
     'inference.tta_flips': 1,
+    # The reference's 150/800 epochs are days on a CPU: every cascade stage trains train.steps.
+    'experiments.cascade_epochs': (),
 }
 
 OVERRIDES: dict[str, dict[str, Any]] = {

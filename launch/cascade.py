@@ -1,7 +1,10 @@
 """Trains the four cascade stages in order, then predicts and scores the held-out cases with the
 whole cascade: `python -m launch.cascade --config=configs/three_center.py[:preset] [--workdir=DIR]`.
 
-Stages train in DIR/<stage> (rerunning resumes and skips finished stages) and DIR/cascade.json
+Each stage trains `experiments.cascade_epochs` epochs over the training cases (the paper preset:
+150 for the pancreas stages, 800 for the tumour stages, as the reference), or `train.steps` when
+they are `()` (the CPU presets). Stages train in DIR/<stage> (rerunning resumes and skips finished
+stages) and DIR/cascade.json
 names them with the margins, so `python -m launch.predict --cascade=DIR` segments new CT with the
 cascade; the cascade's evaluation lands in DIR/evaluation/ (predictions/, notes.json,
 summary.json, summary.md).

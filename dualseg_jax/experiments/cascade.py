@@ -6,6 +6,7 @@ with the stages is inference/cascade.py's."""
 from __future__ import annotations
 
 import logging
+import math
 import pathlib
 from typing import Any, Callable
 
@@ -13,6 +14,7 @@ import ml_collections
 
 from dualseg_jax import config_base
 from dualseg_jax import files
+from dualseg_jax.data import phantoms
 from dualseg_jax.data import pipeline
 from dualseg_jax.data import registry
 from dualseg_jax.errors import ConfigError
@@ -86,14 +88,48 @@ def stage_config(config: ml_collections.ConfigDict, stage: str) -> ml_collection
   return config_base.with_overrides(config, overrides)
 
 
+def stage_steps(config: ml_collections.ConfigDict, stage: str, num_train_cases: int) -> int:
+  """Training steps of one stage: `experiments.cascade_epochs` of that stage times the steps of
+  an epoch over `num_train_cases` (ceil(cases / data.batch_size)), or train.steps when the
+  epochs are ()."""
+  epochs = tuple(config.experiments.cascade_epochs)
+  if not epochs:
+    return int(config.train.steps)
+  if len(epochs) != len(CASCADE_STAGES) or any(int(e) != e or e <= 0 for e in epochs):
+    raise ConfigError(
+        f'experiments.cascade_epochs={epochs}: give {len(CASCADE_STAGES)} positive whole numbers '
+        f'({", ".join(CASCADE_STAGES)}), e.g. (150, 150, 800, 800), or () to train every stage '
+        'train.steps')
+  if num_train_cases <= 0:
+    raise ConfigError('the split holds no training cases: an epoch has no steps')
+  per_epoch = math.ceil(num_train_cases / int(config.data.batch_size))
+  return int(epochs[CASCADE_STAGES.index(stage)]) * per_epoch
+
+
+def _split(config: ml_collections.ConfigDict) -> registry.Split:
+  """The train/val/test cases of `config` (its data root resolved in place, the synthetic set
+  generated if it is not there yet; files are listed, not read)."""
+  with config.unlocked():
+    pipeline.resolve_data_root(config)
+  if config.data.source == 'synthetic':
+    phantoms.ensure_synthetic_data(config.data)
+  return registry.split_cases(config.data, registry.list_cases(config.data), seed=config.seed)
+
+
 def train_stages(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                  train_fn: Callable | None = None) -> dict[str, pathlib.Path]:
-  """Trains the four stages in order in workdir/<stage> (finished ones are not redone); the
-  stages skip their own held-out evaluation, which only the whole cascade is given. Then writes
-  workdir/cascade.json, so `launch.predict --cascade=workdir` finds the stages and margins."""
+  """Trains the four stages in order in workdir/<stage> (finished ones are not redone), each for
+  `stage_steps`; the stages skip their own held-out evaluation, which only the whole cascade is
+  given. Then writes workdir/cascade.json, so `launch.predict --cascade=workdir` finds the stages
+  and margins."""
+  num_train_cases = (len(_split(config_base.with_overrides(config, {})).train)
+                     if tuple(config.experiments.cascade_epochs) else 0)
   specs = []
   for stage in CASCADE_STAGES:
     stage_overrides = config_base.differences(config, stage_config(config, stage))
+    steps = stage_steps(config, stage, num_train_cases)
+    if steps != int(config.train.steps):
+      stage_overrides['train.steps'] = steps
     stage_overrides['train.evaluate_test_center'] = False
     specs.append(runs.RunSpec(name=stage, overrides=stage_overrides))
   stage_dirs = runs.run_all(config, workdir, specs, train_fn=train_fn)
@@ -109,10 +145,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   request raises runs.ExperimentInterrupted; rerunning the command predicts every case again."""
   workdir = pathlib.Path(workdir)
   evaluation_config = stage_config(config, 'tumour_fine')
-  with evaluation_config.unlocked():
-    pipeline.resolve_data_root(evaluation_config)
-  split = registry.split_cases(evaluation_config.data, registry.list_cases(evaluation_config.data),
-                               seed=evaluation_config.seed)
+  split = _split(evaluation_config)
   # The first evaluation records the data; a later one refuses data changed since.
   pipeline.check_data_identity(evaluation_config, split, workdir)
   cases = [case for case in split.test if case.label_path]

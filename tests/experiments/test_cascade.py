@@ -78,6 +78,37 @@ def test_stages_train_in_order_once(tmp_path, tiny_config):
   assert again.calls == []
 
 
+def test_stages_train_the_reference_epochs_over_the_training_cases(tmp_path, tiny_config):
+  from dualseg_jax.data import pipeline, registry
+  tiny_config.data.root = str(tmp_path / 'data')
+  tiny_config.data.batch_size = 2
+  tiny_config.experiments.cascade_epochs = (2, 3, 5, 7)
+  cascade.train_stages(tiny_config, tmp_path / 'exp', train_fn=fakes.FakeTraining())
+  pipeline.resolve_data_root(tiny_config)  # where the phantoms were generated
+  split = registry.split_cases(tiny_config.data, registry.list_cases(tiny_config.data),
+                               seed=tiny_config.seed)
+  # Tiny: 3 cases in each of the two training centers, one of each for validation.
+  assert len(split.train) == 4
+  steps = [json.loads((tmp_path / 'exp' / stage / 'config.json').read_text())['train']['steps']
+           for stage in cascade.CASCADE_STAGES]
+  assert steps == [2 * 2, 3 * 2, 5 * 2, 7 * 2]  # epochs x ceil(4 cases / batch 2)
+  assert cascade.stage_steps(tiny_config, 'tumour_fine', num_train_cases=5) == 7 * 3
+  tiny_config.experiments.cascade_epochs = ()
+  assert cascade.stage_steps(tiny_config, 'tumour_fine', 5) == tiny_config.train.steps
+  for epochs in ((150, 800), (150, 150, 0, 800), (1.5, 1, 1, 1)):
+    tiny_config.experiments.cascade_epochs = epochs
+    with pytest.raises(ConfigError, match='experiments.cascade_epochs'):
+      cascade.stage_steps(tiny_config, 'pancreas_coarse', 4)
+
+
+def test_the_presets_schedule_the_cascade_as_they_should():
+  from configs import three_center
+  # The paper preset: the reference's 150 epochs for the pancreas stages, 800 for the tumour's.
+  assert tuple(three_center.get_config('paper').experiments.cascade_epochs) == (150, 150, 800, 800)
+  for preset in ('quick', 'tiny'):
+    assert tuple(three_center.get_config(preset).experiments.cascade_epochs) == ()
+
+
 class BlockStage:
   """Labels the middle third of every volume it is given with `label`; calls `on_first_call`
   (if any) before its first prediction."""

@@ -125,13 +125,21 @@ def identity_changes(recorded: dict, current: dict) -> list[str]:
   return changes
 
 
-def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> PreparedData:
-  """Lists, checks and caches the cases of the run's split; the test center is only listed."""
+def list_and_split(config: ml_collections.ConfigDict
+                   ) -> tuple[dict[str, list[registry.Case]], registry.Split]:
+  """(cases per center, the run's train/val/test split) of a config whose data root is resolved
+  (`resolve_data_root`); the synthetic set is generated first when it is missing. Files are
+  listed, not read."""
   if config.data.source == 'synthetic':
     from dualseg_jax.data import phantoms  # deferred: only synthetic runs generate data
     phantoms.ensure_synthetic_data(config.data)
   cases_by_center = registry.list_cases(config.data)
-  split = registry.split_cases(config.data, cases_by_center, seed=config.seed)
+  return cases_by_center, registry.split_cases(config.data, cases_by_center, seed=config.seed)
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> PreparedData:
+  """Lists, checks and caches the cases of the run's split; the test center is only listed."""
+  cases_by_center, split = list_and_split(config)
   log.info('%s', split.summary())
   check_data_identity(config, split, workdir)
   if jax.process_index() == 0:

@@ -14,7 +14,6 @@ import ml_collections
 
 from dualseg_jax import config_base
 from dualseg_jax import files
-from dualseg_jax.data import phantoms
 from dualseg_jax.data import pipeline
 from dualseg_jax.data import registry
 from dualseg_jax.errors import ConfigError
@@ -107,13 +106,10 @@ def stage_steps(config: ml_collections.ConfigDict, stage: str, num_train_cases: 
 
 
 def _split(config: ml_collections.ConfigDict) -> registry.Split:
-  """The train/val/test cases of `config` (its data root resolved in place, the synthetic set
-  generated if it is not there yet; files are listed, not read)."""
+  """The train/val/test cases of `config`, its data root resolved in place."""
   with config.unlocked():
     pipeline.resolve_data_root(config)
-  if config.data.source == 'synthetic':
-    phantoms.ensure_synthetic_data(config.data)
-  return registry.split_cases(config.data, registry.list_cases(config.data), seed=config.seed)
+  return pipeline.list_and_split(config)[1]
 
 
 def train_stages(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
@@ -127,9 +123,7 @@ def train_stages(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   specs = []
   for stage in CASCADE_STAGES:
     stage_overrides = config_base.differences(config, stage_config(config, stage))
-    steps = stage_steps(config, stage, num_train_cases)
-    if steps != int(config.train.steps):
-      stage_overrides['train.steps'] = steps
+    stage_overrides['train.steps'] = stage_steps(config, stage, num_train_cases)
     stage_overrides['train.evaluate_test_center'] = False
     specs.append(runs.RunSpec(name=stage, overrides=stage_overrides))
   stage_dirs = runs.run_all(config, workdir, specs, train_fn=train_fn)

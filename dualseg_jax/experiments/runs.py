@@ -105,6 +105,5 @@ def run_all(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                                   'same command to resume it and the runs after it')
     files.write_json(run_dir / FINISHED_MARKER,
                      {'final_step': result.final_step, 'wall_time_s': result.wall_time_s,
-                      'time_breakdown': result.time_breakdown,
                       'config_sha256': config_sha256(run_dir)})
   return folders

@@ -89,11 +89,8 @@ def training_batches(config: ml_collections.ConfigDict
   from dualseg_jax.data import pipeline  # deferred: pulls in jax
   config = config.copy_and_resolve_references()
   pipeline.resolve_data_root(config)
-  if config.data.source == 'synthetic':
-    from dualseg_jax.data import phantoms  # deferred: only synthetic runs generate data
-    phantoms.ensure_synthetic_data(config.data)
+  _, split = pipeline.list_and_split(config)
   cache = preprocess.ensure_cache(config, progress=False)
-  split = registry.split_cases(config.data, registry.list_cases(config.data), config.seed)
   iterator = loader.make_train_iterator(config, split.train, cache, config.seed,
                                         process_index=0, process_count=1)
   return config, cache, iterator

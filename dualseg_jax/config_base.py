@@ -178,6 +178,10 @@ def base_config() -> ml_collections.ConfigDict:
   # slices and views) | 'view_paired': a position's partner is itself in the other view.
   loss.contrastive_form = 'two_class'
   loss.slice_min_voxels = 10
+  # Which views the terms that compare a prediction with the label read: 'all' (the method) |
+  # 'first' (the first view only; with augment.raw_view=True that is the CT itself, and the
+  # RandConv views train the network only through the consistency and contrastive terms).
+  loss.supervised_views = 'all'
   loss.dice_smooth = 1e-5  # added to both sides of every soft Dice ratio
 
   augment = config.augment = ml_collections.ConfigDict()

@@ -21,7 +21,7 @@ def _one_minus_cosine(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.mean(1.0 - jnp.sum(a * b, axis=1) / jnp.maximum(norms, 1e-8))
 
 
-@register('consistency')
+@register('consistency', compares_views=True)
 def consistency_loss(views, batch, loss_config, step):
   """Agreement of the views' sigmoid maps, averaged over view pairs: their MSE
   (`loss.consistency_form='mse'`, the reference's tumour stages) or 1 - their cosine similarity

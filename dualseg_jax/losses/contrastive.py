@@ -121,7 +121,7 @@ def two_class_nt_xent(positives: jnp.ndarray, negatives: jnp.ndarray, positive_v
   return jnp.sum(sample_losses * takes_part) / jnp.maximum(num_samples, 1.0), num_samples
 
 
-@register('contrastive')
+@register('contrastive', compares_views=True)
 def contrastive_loss(views, batch, loss_config, step):
   """NT-Xent of `loss_config.contrastive_form` with `loss_config.temperature` on the views'
   embeddings at the batch's positive_positions / negative_positions (the contrastive structure:

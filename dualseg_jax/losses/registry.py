@@ -12,16 +12,36 @@ from dualseg_jax.errors import ConfigError
 LossFn = Callable[..., tuple[jnp.ndarray, dict]]
 
 LOSSES: dict[str, LossFn] = {}
+# Terms that compare the views with each other (consistency, contrastive): they read every view
+# whatever `loss.supervised_views` says; the other terms compare a view with the label.
+VIEW_PAIR_TERMS: set[str] = set()
+SUPERVISED_VIEWS = ('all', 'first')  # what `config.loss.supervised_views` may name
 
 
-def register(name: str) -> Callable[[LossFn], LossFn]:
-  """Decorator adding a loss under `name`, the key it takes in `config.loss.weights`."""
+def register(name: str, compares_views: bool = False) -> Callable[[LossFn], LossFn]:
+  """Decorator adding a loss under `name`, the key it takes in `config.loss.weights`;
+  `compares_views` marks a term that compares the views with each other."""
   def add(loss_fn: LossFn) -> LossFn:
     if name in LOSSES:
       raise ValueError(f'a loss named {name!r} is already registered ({LOSSES[name].__module__})')
     LOSSES[name] = loss_fn
+    if compares_views:
+      VIEW_PAIR_TERMS.add(name)
     return loss_fn
   return add
+
+
+def views_read_by(name: str, views: list[dict], loss_config) -> list[dict]:
+  """The views term `name` reads: every view, except that with `loss.supervised_views='first'`
+  a term comparing a view with the label reads the first view only (with `augment.raw_view`,
+  the CT itself), and the RandConv views reach the network only through the view-pair terms."""
+  supervised_views = loss_config.get('supervised_views', 'all')
+  if supervised_views not in SUPERVISED_VIEWS:
+    raise ConfigError(f'config.loss.supervised_views={supervised_views!r}: choose one of '
+                      f'{SUPERVISED_VIEWS}')
+  if supervised_views == 'first' and name not in VIEW_PAIR_TERMS:
+    return views[:1]
+  return views
 
 
 def ramp_factor(ramp_steps: int, step) -> jnp.ndarray:
@@ -34,7 +54,8 @@ def ramp_factor(ramp_steps: int, step) -> jnp.ndarray:
 
 def total_loss(views: list[dict], batch: dict, loss_config, step) -> tuple[jnp.ndarray, dict]:
   """Sum of weight * loss over `loss_config.weights`; a weight of 0 skips the loss entirely.
-  A term named in `loss_config.ramp_up_steps` has its weight scaled by `ramp_factor`.
+  A term named in `loss_config.ramp_up_steps` has its weight scaled by `ramp_factor`; each term
+  reads the views `views_read_by` gives it.
 
   Metrics hold each active term unweighted under its name, the terms' own metrics as
   'name/metric', and the weighted sum as 'loss'. Unknown names fail at trace time.
@@ -53,7 +74,8 @@ def total_loss(views: list[dict], batch: dict, loss_config, step) -> tuple[jnp.n
       raise ConfigError(f'config.loss.weights.{name}: no loss named {name!r} is registered; '
                         f'registered: {sorted(LOSSES)}. Register it with '
                         '@dualseg_jax.losses.register or set its weight to 0.')
-    value, term_metrics = LOSSES[name](views, batch, loss_config, step)
+    value, term_metrics = LOSSES[name](views_read_by(name, views, loss_config), batch,
+                                       loss_config, step)
     value = jnp.asarray(value, jnp.float32)
     total = total + jnp.float32(weight) * ramp_factor(ramp_up_steps.get(name, 0), step) * value
     metrics[name] = value

@@ -28,6 +28,7 @@ from dualseg_jax import signals
 from dualseg_jax.errors import ConfigError, StorageError
 from dualseg_jax.evaluation import held_out
 from dualseg_jax.inference import overrides as inference_overrides
+from dualseg_jax.losses import registry as loss_registry
 from dualseg_jax.train import balance as balance_lib
 from dualseg_jax.train import checkpoint as checkpoint_lib
 from dualseg_jax.train import parallel
@@ -91,6 +92,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.model.widths[0] % config.model.num_groups:
     raise ConfigError(f'model.widths[0]={config.model.widths[0]} is not divisible by '
                       f'model.num_groups={config.model.num_groups}')
+  if config.loss.supervised_views not in loss_registry.SUPERVISED_VIEWS:
+    raise ConfigError(f'loss.supervised_views={config.loss.supervised_views!r}: choose one of '
+                      f'{loss_registry.SUPERVISED_VIEWS}')
   if config.loss.transform not in ('smooth', 'hard'):
     raise ConfigError(f'loss.transform={config.loss.transform!r}: choose smooth or hard')
   # Validation and the held-out report predict with these: fail now, not after training.

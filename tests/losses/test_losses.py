@@ -488,3 +488,24 @@ def test_the_documented_focal_loss_example(registered_focal):
   assert set(metrics) == {'focal', 'loss'}
   with pytest.raises(ValueError, match='already registered'):
     losses.register('focal')(focal_loss)
+
+
+def test_supervised_views_first_keeps_the_label_terms_on_the_first_view_and_the_pairs_on_all():
+  views, batch = make_views(26, 2), make_batch(27)
+  weights = {'dice': 1.0, 'bce': 1.0, 'sdf_l1': 1.0, 'sdf_to_mask_dice': 1.0, 'consistency': 1.0,
+             'contrastive': 0.1}
+  config = loss_config(weights=weights)
+  config.supervised_views = 'first'
+  _, metrics = jax.jit(lambda v, b: losses.total_loss(v, b, config, 0))(views, batch)
+  all_views = loss_config(weights=weights)
+  for name in ('dice', 'bce', 'sdf_l1', 'sdf_to_mask_dice'):
+    first_only = losses.LOSSES[name](views[:1], batch, all_views, 0)[0]
+    both = losses.LOSSES[name](views, batch, all_views, 0)[0]
+    assert abs(float(first_only) - float(both)) > 1e-6  # the views differ for this term
+    np.testing.assert_allclose(metrics[name], first_only, rtol=1e-5)
+  for name in ('consistency', 'contrastive'):
+    np.testing.assert_allclose(metrics[name], losses.LOSSES[name](views, batch, all_views, 0)[0],
+                               rtol=1e-5)
+  config.supervised_views = 'raw'
+  with pytest.raises(ConfigError, match='loss.supervised_views'):
+    losses.total_loss(views, batch, config, 0)

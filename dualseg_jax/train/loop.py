@@ -6,6 +6,7 @@ with the same workdir to resume exactly where the last checkpoint left off.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -376,17 +377,47 @@ def _train(config: ml_collections.ConfigDict, workdir: pathlib.Path, data, mesh,
   return _Training(start_step, step, stopped_early, best_dice)
 
 
+# The jitted steps of this process's earlier runs, keyed by everything they read (`_step_config`)
+# and the mesh: runs that differ only in seed, data paths or cadences (an ablation's seeds, the
+# stages of a test suite) trace and compile once. Jit keys its own cache by the inputs' shapes.
+_COMPILED_STEPS: collections.OrderedDict = collections.OrderedDict()
+_COMPILED_STEPS_KEPT = 4
+
+
+def _step_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The part of `config` that the train step and the balance probe read: the network, the
+  losses, the augmentation, the optimizer with its schedule's length. The steps are built from
+  this alone, so a step that starts reading another key fails loudly instead of being shared."""
+  resolved = config.copy_and_resolve_references()
+  return ml_collections.ConfigDict({
+      'model': resolved.model.to_dict(), 'loss': resolved.loss.to_dict(),
+      'augment': resolved.augment.to_dict(), 'optim': resolved.optim.to_dict(),
+      'data': {'target_spacing_mm': tuple(resolved.data.target_spacing_mm)},
+      'train': {'steps': resolved.train.steps,
+                'grad_balance_every': resolved.train.grad_balance_every}})
+
+
 def _compiled_steps(config: ml_collections.ConfigDict, model, optimizer, state, mesh):
   """The jitted training step (donating the state) and, every train.grad_balance_every steps, the
-  per-term gradient norms on the encoder for the same inputs as the step that follows (else None)."""
+  per-term gradient norms on the encoder for the same inputs as the step that follows (else None);
+  those of an earlier run in this process when they read the same settings on the same mesh."""
   from dualseg_jax.data import pipeline  # deferred: data modules pull in grain and scipy
-  augment_fn = pipeline.device_augmentation(config)
+  step_config = _step_config(config)
+  key = (json.dumps(step_config.to_dict(), sort_keys=True, default=repr),
+         tuple(device.id for device in mesh.devices.flat), mesh.axis_names)
+  if key in _COMPILED_STEPS:
+    _COMPILED_STEPS.move_to_end(key)
+    return _COMPILED_STEPS[key]
+  augment_fn = pipeline.device_augmentation(step_config)
   train_step = jax.jit(
-      step_lib.make_train_step(model, config, optimizer, augment_fn=augment_fn),
+      step_lib.make_train_step(model, step_config, optimizer, augment_fn=augment_fn),
       donate_argnums=0, out_shardings=(_shardings_for(state, mesh), parallel.replicated_sharding(mesh)))
-  encoder_balance = (jax.jit(balance_lib.make_balance_fn(model, config, augment_fn),
+  encoder_balance = (jax.jit(balance_lib.make_balance_fn(model, step_config, augment_fn),
                              out_shardings=parallel.replicated_sharding(mesh))
-                     if config.train.grad_balance_every else None)
+                     if step_config.train.grad_balance_every else None)
+  _COMPILED_STEPS[key] = train_step, encoder_balance
+  while len(_COMPILED_STEPS) > _COMPILED_STEPS_KEPT:
+    _COMPILED_STEPS.popitem(last=False)
   return train_step, encoder_balance
 
 

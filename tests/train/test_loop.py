@@ -190,3 +190,20 @@ def test_a_steps_metrics_are_read_once_the_next_step_is_queued(tmp_path):
   writer.flush()
   assert [row['step'] for row in metrics_log.rows] == [1, 3]
   assert all('steps_per_s' in row for row in metrics_log.rows)
+
+
+def test_runs_that_differ_only_outside_the_step_share_its_compilation(tmp_path):
+  from dualseg_jax.train import parallel
+  from dualseg_jax.train import step as step_lib
+  mesh = parallel.make_mesh()
+  config = _config(tmp_path, steps=5, **{'loss.weights.dice': 0.75})  # a key no other test uses
+  model, state, optimizer = step_lib.create_train_state(config, jax.random.PRNGKey(0), (16, 32, 32))
+  first, _ = loop._compiled_steps(config, model, optimizer, state, mesh)
+  elsewhere = _config(tmp_path / 'other', steps=5, **{
+      'loss.weights.dice': 0.75, 'seed': 9, 'train.checkpoint_every': 2, 'train.eval_every': 5})
+  assert loop._compiled_steps(elsewhere, model, optimizer, state, mesh)[0] is first
+  for key, value in (('loss.weights.dice', 0.5), ('train.steps', 6), ('augment.raw_view', True),
+                     ('train.grad_balance_every', 2)):
+    changed = _config(tmp_path, steps=5, **{'loss.weights.dice': 0.75, key: value})
+    assert loop._compiled_steps(changed, model, optimizer, state, mesh)[0] is not first, key
+  # Every run's step is built from `_step_config` alone: the training tests run such steps.

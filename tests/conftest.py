@@ -54,3 +54,19 @@ def tiny_run_config(root, steps, **overrides):
       'data.cache_dir': str(pathlib.Path(root) / 'cache'), 'data.batch_size': 2,
       'train.steps': steps, 'train.eval_every': 0, 'train.evaluate_test_center': False,
       **overrides}, lock=False)
+
+
+# The files that take a minute or more on 2 cores (measured with --durations), longest first. The
+# two workers take whole files in collection order: starting these first keeps one worker from
+# running the last long file alone while the other has finished.
+_LONGEST_FILES = ('train/test_learning.py', 'train/test_crash_safety.py', 'train/test_loop.py',
+                  'train/test_balance.py', 'train/test_storage_faults.py',
+                  'experiments/test_cascade_end_to_end.py', 'tools/test_bench.py',
+                  'train/test_multihost.py')
+
+
+def pytest_collection_modifyitems(items):
+  def rank(item):
+    path = item.path.relative_to(PROJECT_ROOT / 'tests').as_posix()
+    return _LONGEST_FILES.index(path) if path in _LONGEST_FILES else len(_LONGEST_FILES)
+  items.sort(key=rank)  # stable: tests keep their order within a file and among the others

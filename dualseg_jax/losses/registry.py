@@ -31,14 +31,11 @@ def register(name: str, compares_views: bool = False) -> Callable[[LossFn], Loss
   return add
 
 
-def views_read_by(name: str, views: list[dict], loss_config) -> list[dict]:
-  """The views term `name` reads: every view, except that with `loss.supervised_views='first'`
-  a term comparing a view with the label reads the first view only (with `augment.raw_view`,
-  the CT itself), and the RandConv views reach the network only through the view-pair terms."""
-  supervised_views = loss_config.get('supervised_views', 'all')
-  if supervised_views not in SUPERVISED_VIEWS:
-    raise ConfigError(f'config.loss.supervised_views={supervised_views!r}: choose one of '
-                      f'{SUPERVISED_VIEWS}')
+def views_read_by(name: str, views: list[dict], supervised_views: str) -> list[dict]:
+  """The views term `name` reads: every view, except that with `supervised_views='first'`
+  (`config.loss.supervised_views`) a term comparing a view with the label reads the first view
+  only (with `augment.raw_view`, the CT itself), and the RandConv views reach the network only
+  through the view-pair terms."""
   if supervised_views == 'first' and name not in VIEW_PAIR_TERMS:
     return views[:1]
   return views
@@ -65,6 +62,10 @@ def total_loss(views: list[dict], batch: dict, loss_config, step) -> tuple[jnp.n
     if name not in loss_config.weights:
       raise ConfigError(f'config.loss.ramp_up_steps.{name}: no term {name!r} in config.loss.weights '
                         f'({sorted(loss_config.weights)}); ramp one of those')
+  supervised_views = loss_config.get('supervised_views', 'all')
+  if supervised_views not in SUPERVISED_VIEWS:
+    raise ConfigError(f'config.loss.supervised_views={supervised_views!r}: choose one of '
+                      f'{SUPERVISED_VIEWS}')
   total = jnp.zeros((), jnp.float32)
   metrics = {}
   for name, weight in loss_config.weights.items():
@@ -74,7 +75,7 @@ def total_loss(views: list[dict], batch: dict, loss_config, step) -> tuple[jnp.n
       raise ConfigError(f'config.loss.weights.{name}: no loss named {name!r} is registered; '
                         f'registered: {sorted(LOSSES)}. Register it with '
                         '@dualseg_jax.losses.register or set its weight to 0.')
-    value, term_metrics = LOSSES[name](views_read_by(name, views, loss_config), batch,
+    value, term_metrics = LOSSES[name](views_read_by(name, views, supervised_views), batch,
                                        loss_config, step)
     value = jnp.asarray(value, jnp.float32)
     total = total + jnp.float32(weight) * ramp_factor(ramp_up_steps.get(name, 0), step) * value

@@ -6,9 +6,11 @@ import json
 import subprocess
 import sys
 
+import ml_collections
 import nibabel as nib
 import numpy as np
 import pytest
+import scipy.ndimage as ndimage
 
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.experiments import postprocess_study
@@ -90,6 +92,51 @@ def test_the_runs_rule_scores_what_launch_predict_writes(trained_run, study, tmp
       scores = report['splits'][split]['per_case'][case.case_id][rule]
       assert scores['pancreas'] == pytest.approx(_dice(predicted >= 1, reference >= 1), abs=1e-12)
       assert scores['tumour'] == pytest.approx(_dice(predicted == 2, reference == 2), abs=1e-12)
+
+
+def test_the_bound_is_the_best_single_component_and_no_one_component_rule_beats_it():
+  config = ml_collections.ConfigDict({'stage': 'joint', 'inference': {'threshold': 0.5}})
+  probabilities = np.zeros((12, 12, 12, 2), np.float32)
+  probabilities[0:4, 0:4, 0:4, 0] = 0.9  # a false-positive blob of 64 voxels, the largest
+  probabilities[8:11, 8:11, 8:10, 0] = 0.6  # the pancreas's component, 18 voxels
+  probabilities[8, 0, 0, 1] = 0.7  # a tumour component away from the tumour
+  reference = np.zeros((12, 12, 12), np.int32)
+  reference[8:11, 8:12, 8:10] = 1  # 24 voxels, 18 of them predicted
+  reference[10, 11, 9] = 2
+  bound = postprocess_study.best_single_component(probabilities, reference, config)
+  assert bound['pancreas'] == pytest.approx(2 * 18 / (18 + 24))
+  assert bound['tumour'] == 0.0  # no component touches the tumour
+  largest = postprocess.keep_components(probabilities[..., 0] > 0.5, 'largest')
+  assert _dice(largest, reference >= 1) == 0.0
+  empty = postprocess_study.best_single_component(np.zeros_like(probabilities),
+                                                  np.zeros_like(reference), config)
+  assert empty == {'pancreas': 1.0, 'tumour': 1.0}
+  # Against every single component, found by brute force, on random blobs.
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    probabilities = rng.random((10, 10, 10, 2)).astype(np.float32) ** 3
+    reference = (rng.random((10, 10, 10)) < 0.2).astype(np.int32)
+    bound = postprocess_study.best_single_component(probabilities, reference, config)
+    foreground = probabilities[..., 0] > 0.5
+    components, count = ndimage.label(foreground, structure=np.ones((3, 3, 3), bool))
+    brute = max([_dice(components == index, reference >= 1) for index in range(1, count + 1)]
+                + [0.0])
+    assert count > 1 and bound['pancreas'] == pytest.approx(brute)
+    kept = postprocess.keep_components(foreground, 'largest')
+    assert _dice(kept, reference >= 1) <= bound['pancreas'] + 1e-12
+
+
+def test_the_bound_is_reported_beside_the_rules(trained_run, study):
+  report, _ = study
+  markdown = (trained_run / 'postprocess_study.md').read_text()
+  assert postprocess_study.BOUND in markdown
+  assert postprocess_study.BOUND not in report['rules']
+  for split in ('val', 'test'):
+    content = report['splits'][split]
+    assert sorted(content['bound']['per_case']) == content['cases']
+    values = [scores['pancreas'] for scores in content['bound']['per_case'].values()]
+    assert content['bound']['summary']['pancreas']['mean'] == pytest.approx(np.mean(values))
+    assert all(0.0 <= value <= 1.0 for value in values)
 
 
 def test_only_validation_chooses_the_rule():

@@ -171,24 +171,24 @@ def write_report(report: dict, workdir: pathlib.Path) -> None:
     columns += [f'{split} {name} Dice (%)' for name in report['structures']]
     if split == 'val':
       columns.append('val mean Dice (%)')
-  for rule in report['rules']:
-    label = f'**{rule}** (preferred)' if rule == report['preferred_rule'] else rule
-    cells = [label + (' (the run\'s)' if rule == report['run_rule'] else '')]
+
+  def cells_of(summary_of) -> list[str]:
+    """One row's cells: each split's Dice per structure (and validation's mean), from the
+    summary `summary_of(split content)` gives."""
+    cells = []
     for split, content in report['splits'].items():
-      cell = content['summary'][rule]
+      cell = summary_of(content)
       cells += [tables.format_cell(cell[name]['mean'], cell[name]['std'], scale=100.0, digits=2)
                 for name in report['structures']]
       if split == 'val':
         cells.append(tables.format_cell(cell['mean_dice'], scale=100.0, digits=2))
-    rows.append(cells)
-  cells = [BOUND]
-  for split, content in report['splits'].items():
-    cell = content['bound']['summary']
-    cells += [tables.format_cell(cell[name]['mean'], cell[name]['std'], scale=100.0, digits=2)
-              for name in report['structures']]
-    if split == 'val':
-      cells.append(tables.format_cell(cell['mean_dice'], scale=100.0, digits=2))
-  rows.append(cells)
+    return cells
+
+  for rule in report['rules']:
+    label = f'**{rule}** (preferred)' if rule == report['preferred_rule'] else rule
+    label += ' (the run\'s)' if rule == report['run_rule'] else ''
+    rows.append([label] + cells_of(lambda content, rule=rule: content['summary'][rule]))
+  rows.append([BOUND] + cells_of(lambda content: content['bound']['summary']))
   counts = ', '.join(f'{split} {len(content["cases"])} cases'
                      for split, content in report['splits'].items())
   settings = report['settings']

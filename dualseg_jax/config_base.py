@@ -104,7 +104,10 @@ def base_config() -> ml_collections.ConfigDict:
   # drawn with replacement from the skeleton and from the ring).
   data.contrastive_sampling = 'per_slice'
   data.num_positions = 64  # 'uniform' sampling: positions per sample and kind
-  data.num_workers = 0
+  # Loader processes. One paper-scale patch (80x224x224, two views' targets) costs ~200 ms of
+  # host time and an H200 step ~120 ms: with 0 workers the training loop ran at 0.58 of the
+  # bare step, with 6 at 1.01 (docs/results.md, section 15). The CPU presets set 0.
+  data.num_workers = 6
   data.prefetch = 2
   data.skip_bad_cases = False
   data.image_interpolation = 'linear'  # resampling the CT to target_spacing_mm: 'linear' | 'cubic'

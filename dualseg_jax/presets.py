@@ -26,6 +26,9 @@ _CPU = {
     'inference.tta_flips': 1,
     # The reference's 150/800 epochs are days on a CPU: every cascade stage trains train.steps.
     'experiments.cascade_epochs': (),
+    # XLA's CPU backend already uses every core for the convolutions; a quick patch costs a few
+    # ms of host time, so loader processes would only compete with it.
+    'data.num_workers': 0,
 }
 
 OVERRIDES: dict[str, dict[str, Any]] = {

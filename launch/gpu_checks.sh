@@ -8,7 +8,8 @@
 # levers: the bf16 step with one change at a time: depth-folded convs, remat, XLA autotuning off,
 #         cuDNN GEMM fusions, CUDA graphs off; and the smaller 64x160x160 patch.
 # Run one or two groups per device call: each line compiles the paper network afresh.
-# Each line runs in its own process under a time limit, so a failure costs only its own row.
+# Each line runs in its own process under a time limit (GPU_CHECK_LIMIT_S, default 300 s; the
+# training run GPU_CHECK_TRAIN_LIMIT_S, default 540 s), so a failure costs only its own row.
 # Compiled programs are shared between the lines through a fresh cache, so a line that repeats an
 # earlier line's program (the training run's bare step) does not compile it again.
 set -uo pipefail
@@ -25,7 +26,7 @@ for group in "${groups[@]}"; do
       bench --what=step --config.model.dtype=bfloat16 --repeats=20
       bench --what=step --config.model.dtype=float32 --repeats=10 ;;
     run)
-      limit=540 bench --what=train --config.model.dtype=bfloat16 --train_steps=60 --repeats=20
+      limit=${GPU_CHECK_TRAIN_LIMIT_S:-540} bench --what=train --config.model.dtype=bfloat16 --train_steps=60 --repeats=20
       bench --what=loader --loader_batches=50
       bench --what=inference --config.model.dtype=bfloat16 --inference_shape=100,512,512 ;;
     levers)

@@ -84,7 +84,7 @@ def best_single_component(probabilities: np.ndarray, reference: np.ndarray,
   for channel, name in enumerate(structures.stage_structures(config.stage)):
     truth = structures.MASKS[name](reference)
     components, count = ndimage.label(probabilities[..., channel] > config.inference.threshold,
-                                      structure=np.ones((3, 3, 3), dtype=bool))
+                                      structure=postprocess.FULL_CONNECTIVITY)
     sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
     overlaps = np.bincount(components[truth].ravel(), minlength=count + 1)[1:]
     reference_voxels = int(truth.sum())

@@ -16,7 +16,7 @@ from dualseg_jax.structures import PANCREAS, TUMOUR
 
 COMPONENT_RULES = ('none', 'largest', 'fraction', 'min_volume', 'largest_probability_mass')
 # 26-connectivity: voxels touching at a face, an edge or a corner belong to one component.
-_FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+FULL_CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 
 def check_rule(rule: str) -> None:
@@ -46,7 +46,7 @@ def keep_components(mask: np.ndarray, rule: str, fraction: float = 0.5,
   mask = np.asarray(mask, dtype=bool)
   if rule == 'none' or not mask.any():
     return mask
-  components, num_components = ndimage.label(mask, structure=_FULL_CONNECTIVITY)
+  components, num_components = ndimage.label(mask, structure=FULL_CONNECTIVITY)
   sizes = np.bincount(components.ravel(), minlength=num_components + 1)
   sizes[0] = 0  # background
   if rule == 'min_volume':

@@ -174,6 +174,10 @@ def base_config() -> ml_collections.ConfigDict:
   loss.transform_anneal_steps = 0
   loss.transform_anneal = 'geometric'  # 'geometric' (equal steps per factor) | 'linear'
   loss.consistency_on_sdf = False  # fine stage: also MSE between the views' SDFs
+  # Which patches the SDF regression (sdf_l1) reads: 'surface' (the method: a channel whose patch
+  # holds the structure's surface) | 'all' (also patches without the structure, whose target is
+  # the distance to it beyond the patch: the SDF head then meets tissue far from the pancreas).
+  loss.sdf_l1_on = 'surface'
   # How the views' sigmoid maps are made to agree: 'mse' (the reference's tumour stages) |
   # 'cosine' (1 - cosine similarity per sample, the reference's coarse pancreas stage).
   loss.consistency_form = 'mse'

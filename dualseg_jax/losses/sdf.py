@@ -7,19 +7,45 @@ import jax.numpy as jnp
 
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.losses.registry import ramp_factor, register
-from dualseg_jax.losses.segmentation import mean_over_views, multi_view_dice
+from dualseg_jax.losses.segmentation import mean_over_views, multi_view_dice, present_channels
 
 TRANSFORMS = ('smooth', 'hard')
 ANNEALS = ('geometric', 'linear')
 
 
+TRAIN_SDF_ON = ('surface', 'all')  # what `config.loss.sdf_l1_on` may name
+
+
+def l1_target(batch, loss_config) -> tuple[jnp.ndarray, jnp.ndarray]:
+  """(target SDF (B, D, H, W, C), valid (B, C) bool) that `sdf_l1` regresses to.
+
+  loss.sdf_l1_on='surface' (the method): only a (sample, channel) whose patch holds the
+  structure's surface (`sdf_valid`). 'all': also a channel whose patch holds none of the
+  structure, where every voxel lies outside: its target is the case's distance to the structure
+  beyond the patch, normalised per patch (what the loader crops), or 1 where the case holds no
+  such structure (no distance: the crop reads 0). A patch the structure fills stays skipped.
+  """
+  on = loss_config.get('sdf_l1_on', 'surface')
+  if on not in TRAIN_SDF_ON:
+    raise ConfigError(f'config.loss.sdf_l1_on={on!r}; choose one of {TRAIN_SDF_ON}')
+  valid = batch['sdf_valid']
+  target = batch['sdf'].astype(jnp.float32)
+  if on == 'all':
+    empty = present_channels(batch['mask']) == 0  # (B, C)
+    outside = empty[:, None, None, None, :]
+    target = jnp.where(outside & (target <= 0), 1.0, target)
+    valid = valid | empty
+  return target, valid
+
+
 @register('sdf_l1')
 def sdf_l1_loss(views, batch, loss_config, step):
-  """Mean |sdf - target| over voxels of each (sample, channel) whose target is valid; the mean
-  over the valid (sample, channel) pairs, 0 when none is; averaged over views."""
-  del loss_config, step
-  valid = batch['sdf_valid'].astype(jnp.float32)  # (B, C)
-  target = batch['sdf'].astype(jnp.float32)
+  """Mean |sdf - target| over voxels of each (sample, channel) whose target is valid
+  (`l1_target`); the mean over the valid (sample, channel) pairs, 0 when none is; averaged over
+  views."""
+  del step
+  target, valid = l1_target(batch, loss_config)
+  valid = valid.astype(jnp.float32)  # (B, C)
   num_valid = jnp.sum(valid)
   values = []
   for view in views:

@@ -140,6 +140,33 @@ def test_sdf_l1_counts_only_valid_channels():
   assert losses.LOSSES['sdf_l1'](views, batch, loss_config(), 0)[0] == 0.0
 
 
+def test_sdf_l1_on_all_patches_regresses_empty_channels_to_the_outside():
+  """sdf_l1_on='all': a channel without the structure in its patch is read too; its target is
+  the cropped distance where the case has one and 1 where the crop reads 0 (no structure in the
+  case); a channel the structure has a surface in keeps its target, and a skipped full patch
+  stays skipped."""
+  views, batch = make_views(6), make_batch(7)
+  batch['mask'][0, ..., 1] = 0.0  # sample 0: no tumour voxel in the patch (sdf_valid False)
+  batch['sdf'][0, ..., 1] = np.abs(batch['sdf'][0, ..., 1])
+  batch['sdf'][0, :2, ..., 1] = 0.0  # where the case gives no distance
+  batch['mask'][1, ..., 0] = 1.0  # sample 1: the pancreas fills the patch
+  batch['sdf_valid'] = np.array([[True, False], [False, True]])
+  value, metrics = losses.LOSSES['sdf_l1'](views, batch, loss_config(sdf_l1_on='all'), 0)
+  target = batch['sdf'].copy()
+  target[0, :2, ..., 1] = 1.0
+  read = [(0, 0), (0, 1), (1, 1)]
+  per_view = [np.mean([np.abs(view['sdf'][b, ..., c] - target[b, ..., c]).mean() for b, c in read])
+              for view in views]
+  np.testing.assert_allclose(value, np.mean(per_view), rtol=1e-5)
+  assert metrics['valid_fraction'] == pytest.approx(0.75)
+  surface_only, _ = losses.LOSSES['sdf_l1'](views, batch, loss_config(), 0)
+  per_view = [np.mean([np.abs(view['sdf'][b, ..., c] - batch['sdf'][b, ..., c]).mean()
+                       for b, c in [(0, 0), (1, 1)]]) for view in views]
+  np.testing.assert_allclose(surface_only, np.mean(per_view), rtol=1e-5)
+  with pytest.raises(ConfigError, match='loss.sdf_l1_on'):
+    losses.LOSSES['sdf_l1'](views, batch, loss_config(sdf_l1_on='everywhere'), 0)
+
+
 @pytest.mark.parametrize('transform', ['smooth', 'hard'])
 def test_sdf_to_mask_dice_matches_numpy(transform):
   views, batch = make_views(6), make_batch(7)

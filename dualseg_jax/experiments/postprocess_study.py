@@ -2,6 +2,11 @@
 validation case (and, as a report only, every held-out test case) is predicted once, every rule
 is applied to the same probabilities, and the validation Dice alone picks the rule.
 
+Beside the Dice, each rule's false-positive volume far from the structure (predicted voxels more
+than FAR_MARGIN_VOX voxels from the reference) says how much a network predicts where nothing is.
+`head='sdf'` reads the signed-distance head's sign (inside where sdf < 0) in place of the
+segmentation head's probabilities: what the dual task's second head would predict on its own.
+
 Writes <run>/postprocess_study.json (per case and summary) and postprocess_study.md.
 """
 
@@ -27,12 +32,19 @@ from dualseg_jax.inference import postprocess
 from dualseg_jax.inference import predictor as predictor_lib
 
 SPLITS = ('val', 'test')
+# Which output the rules read: the segmentation head's probabilities, or the SDF head's sign.
+HEADS = ('segmentation', 'sdf')
+# Predicted voxels farther than this from the reference structure count as far false positives.
+FAR_MARGIN_VOX = 3
+FAR_FP = 'far_false_positive_ml'
 # The report's row that no rule reaches: best_single_component, chosen with the reference.
 BOUND = 'best single component (chosen with the reference: a bound, not a rule)'
 JSON_NAME, MARKDOWN_NAME = 'postprocess_study.json', 'postprocess_study.md'
 
 
-def _check(splits: Sequence[str], rules: Sequence[str]) -> None:
+def _check(splits: Sequence[str], rules: Sequence[str], head: str = 'segmentation') -> None:
+  if head not in HEADS:
+    raise ConfigError(f'--head={head}: choose one of {HEADS}')
   unknown = [split for split in splits if split not in SPLITS]
   if unknown or 'val' not in splits:
     raise ConfigError(f'--split={",".join(splits)}: give val, optionally with test (val,test); '
@@ -56,11 +68,23 @@ def with_rule(inference_config: ml_collections.ConfigDict, rule: str) -> ml_coll
   return changed
 
 
+def far_false_positive_ml(prediction: np.ndarray, reference: np.ndarray,
+                          spacing_mm: Sequence[float]) -> float:
+  """Volume (ml) of the predicted voxels farther than FAR_MARGIN_VOX voxels from every reference
+  voxel (all of them when the reference is empty)."""
+  near = postprocess.dilate_voxels(reference, FAR_MARGIN_VOX)
+  far_voxels = np.count_nonzero(np.asarray(prediction, bool) & ~near)
+  return float(far_voxels * np.prod(spacing_mm) / 1000.0)
+
+
 def score_case(probabilities: np.ndarray, reference: np.ndarray, spacing_mm: Sequence[float],
                config: ml_collections.ConfigDict, rules: Sequence[str]
                ) -> dict[str, dict[str, float]]:
   """Dice per rule and structure of one case's (D, H, W, C) probabilities against its 0/1/2
-  reference; a structure absent from both scores 1."""
+  reference (a structure absent from both scores 1), and the far false-positive volume of the
+  stage's outer structure (FAR_FP: the pancreas, or the tumour of a tumour stage)."""
+  stage_structures = structures.stage_structures(config.stage)
+  outer = structures.MASKS[stage_structures[0]]
   scores = {}
   for rule in rules:
     label = postprocess.probabilities_to_label(probabilities, config.stage,
@@ -68,7 +92,8 @@ def score_case(probabilities: np.ndarray, reference: np.ndarray, spacing_mm: Seq
                                                spacing_mm=spacing_mm)
     scores[rule] = {name: metrics_lib.dice(structures.MASKS[name](label),
                                            structures.MASKS[name](reference), both_empty=1.0)
-                    for name in structures.stage_structures(config.stage)}
+                    for name in stage_structures}
+    scores[rule][FAR_FP] = far_false_positive_ml(outer(label), outer(reference), spacing_mm)
   return scores
 
 
@@ -97,11 +122,14 @@ def best_single_component(probabilities: np.ndarray, reference: np.ndarray,
 
 def summarise(per_case: dict[str, dict[str, dict[str, float]]], rules: Sequence[str],
               structure_names: Sequence[str]) -> dict[str, dict]:
-  """{rule: {structure: {mean, std, n}, 'mean_dice': mean over structures}} over cases."""
+  """{rule: {structure (and FAR_FP where scored): {mean, std, n}, 'mean_dice': mean over
+  structures}} over cases."""
   summary = {}
   for rule in rules:
     cell = {}
-    for name in structure_names:
+    scored = [name for name in (*structure_names, FAR_FP)
+              if all(name in scores[rule] for scores in per_case.values())]
+    for name in scored:
       mean, std, count = tables.mean_and_std([scores[rule][name] for scores in per_case.values()])
       cell[name] = {'mean': mean, 'std': std, 'n': count}
     means = [cell[name]['mean'] for name in structure_names if cell[name]['mean'] is not None]
@@ -119,15 +147,25 @@ def preferred_rule(validation_summary: dict[str, dict], rules: Sequence[str]) ->
   return max(scored, key=lambda rule: (validation_summary[rule]['mean_dice'], -rules.index(rule)))
 
 
+def head_probabilities(outputs: dict[str, np.ndarray], head: str) -> np.ndarray:
+  """(D, H, W, C) maps the rules read: the segmentation head's probabilities, or for 'sdf' the
+  SDF head's sign as 0/1 (inside where sdf < 0, the mask the SDF->mask transform tends to)."""
+  if head == 'sdf':
+    return (outputs['sdf'] < 0).astype(np.float32)
+  return outputs['probabilities']
+
+
 def run_study(workdir: str | pathlib.Path, splits: Sequence[str] = ('val',),
               rules: Sequence[str] = postprocess.COMPONENT_RULES, tta_flips: int | None = None,
-              checkpoint: str | None = None, show_progress: bool = True) -> dict:
+              checkpoint: str | None = None, show_progress: bool = True,
+              head: str = 'segmentation') -> dict:
   """`python -m launch.postprocess_study`: predicts each case of `splits` once with the run's
-  predictor (its config and best checkpoint, as launch.predict), scores every rule, writes the
-  report beside the run and returns it."""
+  predictor (its config and best checkpoint, as launch.predict), scores every rule on `head`'s
+  output, writes the report beside the run and returns it (postprocess_study.json/.md for the
+  segmentation head, postprocess_study_sdf.json/.md for the SDF head)."""
   workdir = pathlib.Path(workdir)
   splits, rules = list(dict.fromkeys(splits)), list(dict.fromkeys(rules))
-  _check(splits, rules)
+  _check(splits, rules, head)
   config = run_dir.load_config(workdir)
   cases = split_cases(config, workdir)
   if not cases['val']:
@@ -138,7 +176,7 @@ def run_study(workdir: str | pathlib.Path, splits: Sequence[str] = ('val',),
   report = {'workdir': str(workdir), 'stage': config.stage,
             'checkpoint': checkpoint or config.inference.checkpoint,
             'tta_flips': config.inference.tta_flips if tta_flips is None else tta_flips,
-            'run_rule': config.inference.postprocess,
+            'run_rule': config.inference.postprocess, 'head': head,
             'settings': {'threshold': config.inference.threshold,
                          'component_fraction': config.inference.component_fraction,
                          'min_component_mm3': config.inference.min_component_mm3},
@@ -149,7 +187,8 @@ def run_study(workdir: str | pathlib.Path, splits: Sequence[str] = ('val',),
                           disable=not show_progress):
       image, reference = io.read_case(case.image_path, case.label_path,
                                       config.data.label_map or None)
-      probabilities = predictor.predict_volume(image, tta_flips=tta_flips)['probabilities']
+      probabilities = head_probabilities(
+          predictor.predict_probabilities(image, tta_flips=tta_flips), head)
       per_case[case.case_id] = score_case(probabilities, reference.array, image.spacing_mm,
                                           config, rules)
       bound[case.case_id] = {BOUND: best_single_component(probabilities, reference.array, config)}
@@ -164,13 +203,25 @@ def run_study(workdir: str | pathlib.Path, splits: Sequence[str] = ('val',),
   return report
 
 
+def report_names(head: str) -> tuple[str, str]:
+  """(JSON, Markdown) file names of a study of `head`: the segmentation head's keep the names
+  they always had."""
+  if head == 'segmentation':
+    return JSON_NAME, MARKDOWN_NAME
+  return tuple(name.replace('.', f'_{head}.') for name in (JSON_NAME, MARKDOWN_NAME))
+
+
 def write_report(report: dict, workdir: pathlib.Path) -> None:
-  files.write_json(workdir / JSON_NAME, report)
+  head = report.get('head', 'segmentation')
+  json_name, markdown_name = report_names(head)
+  files.write_json(workdir / json_name, report)
+  outer = report['structures'][0]
   columns, rows = ['Rule'], []
   for split in report['splits']:
     columns += [f'{split} {name} Dice (%)' for name in report['structures']]
     if split == 'val':
       columns.append('val mean Dice (%)')
+    columns.append(f'{split} {outer} far false positives (ml)')
 
   def cells_of(summary_of) -> list[str]:
     """One row's cells: each split's Dice per structure (and validation's mean), from the
@@ -182,6 +233,8 @@ def write_report(report: dict, workdir: pathlib.Path) -> None:
                 for name in report['structures']]
       if split == 'val':
         cells.append(tables.format_cell(cell['mean_dice'], scale=100.0, digits=2))
+      far = cell.get(FAR_FP)
+      cells.append(tables.format_cell(far['mean'], far['std'], digits=1) if far else '')
     return cells
 
   for rule in report['rules']:
@@ -192,17 +245,23 @@ def write_report(report: dict, workdir: pathlib.Path) -> None:
   counts = ', '.join(f'{split} {len(content["cases"])} cases'
                      for split, content in report['splits'].items())
   settings = report['settings']
+  read = ('the SDF head\'s sign (inside where sdf < 0)' if head == 'sdf'
+          else 'the segmentation head\'s probabilities')
+  use = (f'To use it, set "postprocess": "{report["preferred_rule"]}" in the "inference" section '
+         'of the run\'s config.json (launch.predict reads it there).' if head == 'segmentation'
+         else 'launch.predict labels the segmentation head\'s output; this study of the SDF head '
+         'is a measurement.')
   text = [f'# Post-processing study of {report["workdir"]}', '',
           f'Dice mean ± std over cases ({counts}); each case predicted once '
           f'(checkpoint {report["checkpoint"]}, {report["tta_flips"]} flip combination(s)), '
-          f'every rule applied to the same probabilities (threshold {settings["threshold"]}, '
+          f'every rule applied to the same output, {read} (threshold {settings["threshold"]}, '
           f'component_fraction {settings["component_fraction"]}, min_component_mm3 '
           f'{settings["min_component_mm3"]}). A structure absent from a case and from its '
-          'prediction scores 100.', '',
+          f'prediction scores 100. Far false positives: predicted {outer} voxels more than '
+          f'{FAR_MARGIN_VOX} voxels from the reference {outer}, mean ± std over cases.', '',
           tables.markdown(columns, rows),
           f'Validation prefers `{report["preferred_rule"]}` (highest mean validation Dice over '
           'the structures)' + ('; the test columns are a report only and never choose the rule.'
                                if 'test' in report['splits'] else '.'),
-          f'To use it, set "postprocess": "{report["preferred_rule"]}" in the "inference" section '
-          'of the run\'s config.json (launch.predict reads it there).', '']
-  files.write_bytes(workdir / MARKDOWN_NAME, '\n'.join(text).encode())
+          use, '']
+  files.write_bytes(workdir / markdown_name, '\n'.join(text).encode())

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndimage
 
+from dualseg_jax.data import io
 from dualseg_jax.errors import ConfigError
 from dualseg_jax.experiments import postprocess_study
 from dualseg_jax.inference import postprocess
@@ -36,14 +37,14 @@ def trained_run(phantom_root, tmp_path_factory):
 @pytest.fixture(scope='module')
 def study(trained_run):
   calls = []
-  original = predictor_lib.Predictor.predict_volume
+  original = predictor_lib.Predictor.predict_probabilities
 
   def counted(self, volume, *args, **kwargs):
     calls.append(volume.array.shape)
     return original(self, volume, *args, **kwargs)
 
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(predictor_lib.Predictor, 'predict_volume', counted)
+    patch.setattr(predictor_lib.Predictor, 'predict_probabilities', counted)
     report = postprocess_study.run_study(trained_run, splits=('val', 'test'), show_progress=False)
   return report, len(calls)
 
@@ -73,6 +74,9 @@ def test_each_case_is_predicted_once_and_every_rule_is_scored(trained_run, study
         values = [scores[rule][structure] for scores in report['splits'][split]['per_case'].values()]
         assert summary[rule][structure]['mean'] == pytest.approx(np.mean(values))
         assert summary[rule][structure]['std'] == pytest.approx(np.std(values))
+      far = [scores[rule][postprocess_study.FAR_FP]
+             for scores in report['splits'][split]['per_case'].values()]
+      assert summary[rule][postprocess_study.FAR_FP]['mean'] == pytest.approx(np.mean(far))
   # The rules really differ on this network, so the choice means something.
   validation = report['splits']['val']['summary']
   assert len({round(validation[rule]['mean_dice'], 6) for rule in report['rules']}) > 1
@@ -124,6 +128,44 @@ def test_the_bound_is_the_best_single_component_and_no_one_component_rule_beats_
     assert count > 1 and bound['pancreas'] == pytest.approx(brute)
     kept = postprocess.keep_components(foreground, 'largest')
     assert _dice(kept, reference >= 1) <= bound['pancreas'] + 1e-12
+
+
+def test_far_false_positives_count_predicted_voxels_beyond_the_margin():
+  reference = np.zeros((20, 20, 20), bool)
+  reference[5:8, 5:8, 5:8] = True
+  prediction = reference.copy()
+  prediction[5, 5, 7 + postprocess_study.FAR_MARGIN_VOX] = True  # at the margin: near
+  prediction[5, 5, 8 + postprocess_study.FAR_MARGIN_VOX] = True  # one voxel beyond: far
+  prediction[15:17, 15:17, 15:17] = True  # a far blob of 8 voxels
+  assert postprocess_study.far_false_positive_ml(prediction, reference, (2.0, 1.0, 1.0)) == (
+      pytest.approx(9 * 2.0 / 1000.0))
+  # Nothing to be near: every predicted voxel is far.
+  assert postprocess_study.far_false_positive_ml(prediction, np.zeros_like(reference),
+                                                 (1.0, 1.0, 1.0)) == pytest.approx(
+                                                     prediction.sum() / 1000.0)
+
+
+def test_the_sdf_head_study_reads_the_sign_of_the_sdf_and_keeps_the_segmentation_report(
+    trained_run, study):
+  before = (trained_run / 'postprocess_study.json').read_text()
+  report = postprocess_study.run_study(trained_run, splits=('val',), rules=('none', 'largest'),
+                                       show_progress=False, head='sdf')
+  assert report['head'] == 'sdf'
+  assert (trained_run / 'postprocess_study.json').read_text() == before
+  saved = json.loads((trained_run / 'postprocess_study_sdf.json').read_text())
+  assert saved['splits']['val']['per_case'] == report['splits']['val']['per_case']
+  assert 'SDF head' in (trained_run / 'postprocess_study_sdf.md').read_text()
+  config = predictor_lib.load_config(trained_run)
+  case = postprocess_study.split_cases(config, trained_run)['val'][0]
+  predictor = predictor_lib.load_predictor(trained_run)
+  image, reference = io.read_case(case.image_path, case.label_path, None)
+  sdf = predictor.predict_probabilities(image)['sdf']
+  expected = postprocess_study.score_case((sdf < 0).astype(np.float32), reference.array,
+                                          image.spacing_mm, config, ['none', 'largest'])
+  for rule, scores in expected.items():
+    assert report['splits']['val']['per_case'][case.case_id][rule] == pytest.approx(scores)
+  with pytest.raises(ConfigError, match='--head'):
+    postprocess_study.run_study(trained_run, head='logits')
 
 
 def test_the_bound_is_reported_beside_the_rules(trained_run, study):

@@ -11,8 +11,6 @@ from dualseg_jax.losses.segmentation import mean_over_views, multi_view_dice, pr
 
 TRANSFORMS = ('smooth', 'hard')
 ANNEALS = ('geometric', 'linear')
-
-
 TRAIN_SDF_ON = ('surface', 'all')  # what `config.loss.sdf_l1_on` may name
 
 

@@ -68,13 +68,18 @@ def with_rule(inference_config: ml_collections.ConfigDict, rule: str) -> ml_coll
   return changed
 
 
+def _volume_outside_ml(prediction: np.ndarray, near: np.ndarray,
+                       spacing_mm: Sequence[float]) -> float:
+  far_voxels = np.count_nonzero(np.asarray(prediction, bool) & ~near)
+  return float(far_voxels * np.prod(spacing_mm) / 1000.0)
+
+
 def far_false_positive_ml(prediction: np.ndarray, reference: np.ndarray,
                           spacing_mm: Sequence[float]) -> float:
   """Volume (ml) of the predicted voxels farther than FAR_MARGIN_VOX voxels from every reference
   voxel (all of them when the reference is empty)."""
-  near = postprocess.dilate_voxels(reference, FAR_MARGIN_VOX)
-  far_voxels = np.count_nonzero(np.asarray(prediction, bool) & ~near)
-  return float(far_voxels * np.prod(spacing_mm) / 1000.0)
+  return _volume_outside_ml(prediction, postprocess.dilate_voxels(reference, FAR_MARGIN_VOX),
+                            spacing_mm)
 
 
 def score_case(probabilities: np.ndarray, reference: np.ndarray, spacing_mm: Sequence[float],
@@ -85,6 +90,8 @@ def score_case(probabilities: np.ndarray, reference: np.ndarray, spacing_mm: Seq
   stage's outer structure (FAR_FP: the pancreas, or the tumour of a tumour stage)."""
   stage_structures = structures.stage_structures(config.stage)
   outer = structures.MASKS[stage_structures[0]]
+  # The reference grown by the margin is the same for every rule: grown once per case.
+  near = postprocess.dilate_voxels(outer(reference), FAR_MARGIN_VOX)
   scores = {}
   for rule in rules:
     label = postprocess.probabilities_to_label(probabilities, config.stage,
@@ -93,7 +100,7 @@ def score_case(probabilities: np.ndarray, reference: np.ndarray, spacing_mm: Seq
     scores[rule] = {name: metrics_lib.dice(structures.MASKS[name](label),
                                            structures.MASKS[name](reference), both_empty=1.0)
                     for name in stage_structures}
-    scores[rule][FAR_FP] = far_false_positive_ml(outer(label), outer(reference), spacing_mm)
+    scores[rule][FAR_FP] = _volume_outside_ml(outer(label), near, spacing_mm)
   return scores
 
 
